@@ -1,0 +1,11 @@
+"""Label relaxation loss (Lienen & Hüllermeier, AAAI 2021) for PyTorch.
+
+Exact to float64, cheaper than the cross-entropy it replaces, and one code path for eager
+mode, ``torch.compile`` and ``torch.func``.
+"""
+
+from label_relaxation.functional import label_relaxation_loss
+from label_relaxation.modules import LabelRelaxationLoss
+
+__all__ = ["LabelRelaxationLoss", "label_relaxation_loss"]
+__version__ = "0.1.0"

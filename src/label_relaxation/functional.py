@@ -1,0 +1,243 @@
+"""The label relaxation loss as a function: argument handling and choice of implementation."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, TypeAlias
+
+import torch
+from torch import Tensor
+
+from label_relaxation import _validation as check
+from label_relaxation._closed_form import AlphaLike
+from label_relaxation._fused import FusedLabelRelaxation, compute_dtype, fused_rows
+from label_relaxation._inplace import check_inplace_allowed
+from label_relaxation._reference import reference_rows
+from label_relaxation._validation import Reduction
+
+Implementation: TypeAlias = Literal["auto", "fused", "reference"]
+_IMPLEMENTATIONS = ("auto", "fused", "reference")
+
+
+class _Rows(NamedTuple):
+    """Canonical per-position inputs: flattened to ``(N, C)`` rows, safe to index."""
+
+    logits: Tensor  # (N, C) in the caller's dtype
+    target: Tensor  # (N,) int64, every entry a valid class index
+    alpha: AlphaLike  # float, or (N,) tensor in the compute dtype
+    row_weight: Tensor  # (N,) weight of each row's loss, already divided by the mean's denominator
+
+
+def _safe_target(
+    logits: Tensor, target: Tensor, ignore_index: int, eager_checks: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Return ``(index, counted, invalid)`` for an index or one-hot target of ``logits``.
+
+    ``index`` is always a valid class (ignored and invalid entries become class 0), so no path
+    ever reads out of range; ``counted`` marks positions that contribute; ``invalid`` marks
+    positions whose target was bad when the eager checks could not run (else ``None``).
+    """
+    num_classes = logits.shape[-1]
+    if check.check_target_kind(target, logits):
+        if eager_checks:
+            check.check_index_values(target, num_classes, ignore_index)
+        counted = target != ignore_index
+        in_range = (target >= 0) & (target < num_classes)
+        index = torch.where(in_range & counted, target, torch.zeros_like(target)).long()
+        invalid = None if eager_checks else counted & ~in_range
+        return index, counted, invalid
+    # One-hot targets follow nn.CrossEntropyLoss's class-probability targets: ignore_index does
+    # not apply to them.
+    index = target.argmax(-1)
+    if eager_checks:
+        check.check_one_hot_values(target, index)
+        invalid = None
+    else:
+        invalid = ~check.one_hot_rows_ok(target, index)
+    return index, torch.ones_like(index, dtype=torch.bool), invalid
+
+
+def _prepare(
+    logits: Tensor,
+    target: Tensor,
+    alpha: AlphaLike,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    validate: bool,
+) -> _Rows:
+    """Check every argument and bring them to the canonical row form."""
+    num_classes = check.check_logits(logits)
+    check.check_reduction(reduction)
+    check.check_weight(weight, num_classes)
+    batch_shape = logits.shape[:-1]
+    dtype = compute_dtype(logits.dtype)
+    eager_checks = validate and check.value_checks_allowed()
+    if isinstance(alpha, Tensor):
+        check.check_alpha_tensor(alpha, batch_shape)
+        if eager_checks:
+            check.check_alpha_values(alpha)
+            if alpha.dim() == 0 and alpha.device.type == "cpu" and not alpha.requires_grad:
+                # A module's alpha buffer: on the CPU reading it is free, and a Python float
+                # keeps the eager kernels on scalar arithmetic.
+                alpha = float(alpha)
+    else:
+        check.check_alpha_float(alpha)
+        alpha = float(alpha)
+    index, counted, invalid = _safe_target(logits, target, ignore_index, eager_checks)
+    one_hot = target.is_floating_point()
+
+    if weight is None:
+        row_weight = counted.to(dtype)
+    else:
+        row_weight = torch.where(counted, weight.to(dtype)[index], 0.0)
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(dtype).expand(batch_shape).reshape(-1)
+        if not eager_checks:
+            alpha_bad = ~((alpha > 0) & (alpha < 1)).reshape(batch_shape)
+            invalid = alpha_bad if invalid is None else invalid | alpha_bad
+    if invalid is not None:
+        # Where values could not be checked in Python, a bad position poisons the result with
+        # NaN instead of giving a silently wrong number; under torch.compile it also raises.
+        if validate and torch.compiler.is_compiling() and not check.functorch_active():
+            torch._assert_async(
+                ~invalid.any(),
+                "label_relaxation_loss: target holds an out-of-range class index, a floating "
+                "target that is not exactly one-hot, or alpha outside (0, 1)",
+            )
+        row_weight = torch.where(invalid, torch.nan, row_weight)
+    if reduction == "mean":
+        # nn.CrossEntropyLoss: index targets divide by the summed weight of counted positions,
+        # one-hot (probability) targets by the number of positions.
+        if one_hot:
+            positions = float(max(row_weight.numel(), 1))
+            denominator = torch.full((), positions, dtype=dtype, device=logits.device)
+        else:
+            total = row_weight.sum()
+            # An all-ignored batch gives 0 (with zero gradient) rather than CE's 0/0 = nan.
+            denominator = torch.where(total != 0, total, torch.ones_like(total))
+        row_weight = row_weight / denominator
+    return _Rows(logits.reshape(-1, num_classes), index.reshape(-1), alpha, row_weight.reshape(-1))
+
+
+def _is_dual(tensor: Tensor) -> bool:
+    """Whether ``tensor`` carries a forward-mode AD tangent."""
+    dual = torch.autograd.forward_ad.unpack_dual(tensor)  # type: ignore[no-untyped-call]
+    return dual.tangent is not None
+
+
+def _use_fused(rows: _Rows, weight: Tensor | None, implementation: str) -> bool:
+    """Pick the fused eager path where it is valid, else the pure formulation."""
+    if implementation == "reference":
+        return False
+    transformed = torch.compiler.is_compiling() or check.functorch_active() or _is_dual(rows.logits)
+    needs_other_grad = (isinstance(rows.alpha, Tensor) and rows.alpha.requires_grad) or (
+        weight is not None and weight.requires_grad
+    )
+    if implementation == "fused" and transformed:
+        raise RuntimeError(
+            "implementation='fused' runs in plain eager mode only; under torch.compile, "
+            "torch.func transforms or forward-mode AD use implementation='auto' or 'reference'"
+        )
+    return not transformed and not needs_other_grad
+
+
+def label_relaxation_loss(
+    logits: Tensor,
+    target: Tensor,
+    alpha: float | Tensor = 0.1,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    inplace: bool = False,
+    implementation: Implementation = "auto",
+    validate: bool = True,
+) -> Tensor:
+    r"""Label relaxation loss (Lienen & Hüllermeier, AAAI 2021) of unnormalised logits.
+
+    Each position's target is relaxed to the credal set of all distributions that give at
+    least ``1 - alpha`` to the observed class. The loss is 0 inside that set, and otherwise the
+    KL divergence from the set's nearest member ``q`` to the prediction ``p = softmax(logits)``:
+
+    .. math::
+
+        \ell = (1-\alpha)\log\frac{1-\alpha}{p_y} + \alpha\log\frac{\alpha}{1-p_y}
+        \quad\text{if } p_y < 1-\alpha, \text{ else } 0,
+
+    with gradient ``p - q``, where ``q_y = 1 - alpha`` and ``q_k = alpha·p_k/(1 - p_y)``.
+
+    Args:
+        logits: Unnormalised scores, class dimension last. Any floating dtype; float16 and
+            bfloat16 are computed in float32.
+        target: Class indices (any integer dtype) of shape ``logits.shape[:-1]``, or an exactly
+            one-hot floating tensor of the logits' shape.
+        alpha: Relaxation in the open interval (0, 1): a float, or a tensor broadcastable to
+            ``logits.shape[:-1]`` (per-position alpha).
+        weight: Optional class weights of shape ``(C,)``, as in ``nn.CrossEntropyLoss``: each
+            position's loss is multiplied by ``weight[y]``.
+        ignore_index: Index targets equal to this value contribute no loss and no gradient.
+        reduction: ``"none"``, ``"mean"`` (divided by the summed weight of counted positions;
+            by the number of positions for one-hot targets, as in ``nn.CrossEntropyLoss``; an
+            all-ignored batch gives 0) or ``"sum"``.
+        inplace: Opt-in for callers who do not need ``logits`` afterwards: the gradient is
+            written into the logits' own storage, saving a full-size buffer. Refused where that
+            would corrupt another gradient; ignored where the pure formulation runs.
+        implementation: ``"auto"`` (fused in plain eager mode, the pure formulation under
+            ``torch.compile``, ``torch.func`` transforms and forward-mode AD), ``"fused"`` or
+            ``"reference"`` (pure formulation, differentiable to any order).
+        validate: Check target and alpha values. In eager mode a bad value raises at once
+            (this reads the values, which syncs a CUDA device); with ``validate=False``, and
+            always under ``torch.func`` transforms, bad positions give NaN instead. Under
+            ``torch.compile`` a bad value raises ``RuntimeError`` when the graph runs.
+
+    Returns:
+        The reduced loss (0-d), or with ``reduction="none"`` one loss per position. The loss is
+        float64 for float64 logits and float32 otherwise.
+
+    Raises:
+        TypeError: ``logits``, ``target``, ``alpha`` or ``weight`` has an unsupported type or dtype.
+        ValueError: A shape does not match, ``alpha`` lies outside (0, 1), a floating target is
+            not exactly one-hot, ``reduction`` or ``implementation`` is unknown, there are fewer
+            than 2 classes, or ``inplace`` would overwrite logits something else still needs.
+        IndexError: A class index lies outside ``[0, C)`` and is not ``ignore_index``.
+
+    Shape:
+        - logits: ``(..., C)``, including a single row ``(C,)`` and ``(batch, seq, vocab)``.
+        - target: ``(...)`` of class indices, or ``(..., C)`` one-hot.
+        - output: ``()``, or ``(...)`` with ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from label_relaxation import label_relaxation_loss
+        >>> logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
+        >>> target = torch.tensor([0, 1])
+        >>> label_relaxation_loss(logits, target, alpha=0.1, reduction="none")
+        tensor([0.0000, 0.2855], grad_fn=<...>)
+        >>> label_relaxation_loss(logits, target, alpha=0.1).backward()
+        >>> logits.grad[0]  # the first row is inside the credal set
+        tensor([0., 0., 0.])
+    """
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    rows = _prepare(logits, target, alpha, weight, ignore_index, reduction, validate)
+    batch_shape = logits.shape[:-1]
+    reduce = reduction != "none"
+    if _use_fused(rows, weight, implementation):
+        needs_grad = rows.logits.requires_grad and torch.is_grad_enabled()
+        if not needs_grad:
+            loss_rows = fused_rows(rows.logits, rows.target, rows.alpha, rows.row_weight, None)
+            return loss_rows.sum() if reduce else loss_rows.reshape(batch_shape)
+        if inplace:
+            check_inplace_allowed(logits)
+        loss: Tensor
+        loss, _ = FusedLabelRelaxation.apply(
+            rows.logits, rows.target, rows.alpha, rows.row_weight, reduce, inplace
+        )
+        return loss if reduce else loss.reshape(batch_shape)
+    compute_logits = rows.logits.to(compute_dtype(logits.dtype))
+    unweighted = reference_rows(compute_logits, rows.target, rows.alpha)
+    zero = torch.zeros((), dtype=unweighted.dtype, device=unweighted.device)
+    loss_rows = torch.where(rows.row_weight != 0, rows.row_weight * unweighted, zero)
+    return loss_rows.sum() if reduce else loss_rows.reshape(batch_shape)

@@ -1,0 +1,126 @@
+"""``nn.Module`` wrappers: they store the loss's arguments and delegate to the functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from label_relaxation import _validation as check
+from label_relaxation._validation import Reduction
+from label_relaxation.functional import Implementation, label_relaxation_loss
+
+
+class LabelRelaxationLoss(nn.Module):
+    """Criterion computing :func:`~label_relaxation.label_relaxation_loss`.
+
+    A drop-in for ``nn.CrossEntropyLoss`` with the class dimension last. ``alpha`` lives in a
+    0-d float64 buffer: assigning ``criterion.alpha = value`` (a schedule) updates the buffer in
+    place, so a compiled model that calls the criterion never recompiles for a new alpha.
+    ``weight`` is a buffer too: it follows ``.to()`` and is part of the ``state_dict``.
+
+    Args:
+        alpha: Relaxation in the open interval (0, 1).
+        weight: Optional class weights of shape ``(C,)``.
+        ignore_index: Index targets equal to this value contribute no loss and no gradient.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        inplace: Write the gradient into the logits' storage (see the function).
+        implementation: ``"auto"``, ``"fused"`` or ``"reference"`` (see the function).
+
+    Raises:
+        ValueError: ``alpha`` outside (0, 1), or an unknown ``reduction``.
+        TypeError: ``alpha`` is not a number or ``weight`` not a floating tensor.
+
+    Shape:
+        - input: ``(..., C)`` logits.
+        - target: ``(...)`` class indices or ``(..., C)`` one-hot.
+        - output: ``()``, or ``(...)`` with ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from label_relaxation import LabelRelaxationLoss
+        >>> criterion = LabelRelaxationLoss(alpha=0.1, ignore_index=-100)
+        >>> logits = torch.randn(2, 5, 11, requires_grad=True)  # (batch, seq, vocab)
+        >>> target = torch.randint(0, 11, (2, 5))
+        >>> criterion(logits, target).backward()
+        >>> criterion.alpha = 0.05  # schedules change alpha without recompiling
+        >>> criterion
+        LabelRelaxationLoss(alpha=0.05, reduction='mean')
+    """
+
+    alpha_buffer: Tensor
+    weight: Tensor | None
+
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        *,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        inplace: bool = False,
+        implementation: Implementation = "auto",
+    ) -> None:
+        super().__init__()
+        check.check_alpha_float(alpha)
+        check.check_reduction(reduction)
+        if weight is not None and (weight.dim() != 1 or not weight.is_floating_point()):
+            raise ValueError(
+                f"weight must be a floating tensor of shape (C,), got dtype {weight.dtype} "
+                f"and shape {tuple(weight.shape)}"
+            )
+        self._alpha_value = float(alpha)
+        # Not persistent: alpha is a hyperparameter, and a state_dict stays loadable into a
+        # criterion built with another alpha (nn.CrossEntropyLoss has weight alone).
+        self.register_buffer(
+            "alpha_buffer", torch.tensor(self._alpha_value, dtype=torch.float64), persistent=False
+        )
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction: Reduction = reduction
+        self.inplace = inplace
+        self.implementation: Implementation = implementation
+
+    @property
+    def alpha(self) -> float:
+        """The relaxation in (0, 1); assigning it updates the buffer in place."""
+        return self._alpha_value
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        check.check_alpha_float(value)
+        self._alpha_value = float(value)
+        with torch.no_grad():
+            self.alpha_buffer.fill_(self._alpha_value)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LabelRelaxationLoss:
+        # Module.half() and friends cast every floating buffer; alpha keeps float64 so that
+        # 0.1 stays 0.1, and only follows device moves.
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        device = self.alpha_buffer.device
+        if self.alpha_buffer.dtype != torch.float64:
+            self.alpha_buffer = torch.tensor(self._alpha_value, dtype=torch.float64, device=device)
+        return self
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """Compute the loss of logits ``input`` ``(..., C)`` against ``target``."""
+        return label_relaxation_loss(
+            input,
+            target,
+            self.alpha_buffer,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            inplace=self.inplace,
+            implementation=self.implementation,
+        )
+
+    def extra_repr(self) -> str:
+        """Show alpha and reduction (and ignore_index when it is not the default)."""
+        parts = [f"alpha={self._alpha_value!r}", f"reduction={self.reduction!r}"]
+        if self.ignore_index != -100:
+            parts.append(f"ignore_index={self.ignore_index}")
+        if self.inplace:
+            parts.append("inplace=True")
+        return ", ".join(parts)

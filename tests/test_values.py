@@ -1,0 +1,224 @@
+"""Values and gradients against the float64 explicit projection, on both implementations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from label_relaxation import label_relaxation_loss
+from tests.reference import expected_gradient, loss_scale, projected_kl
+
+# float32 carries ~6e-8 relative rounding per operation; the closed form takes about ten
+# operations, so 1e-6 of the terms' magnitude (loss_scale) bounds it with margin.
+RTOL32 = 1e-6
+# Gradient entries are p_k - q_k. Besides a few ulp of p_k + q_k, each entry inherits the
+# rounding of the float32 difference z_k - max(z), which exp() turns into a relative error of
+# about eps·|z_k - max(z)| (cross-entropy has the same). Below float32's normal range nothing is
+# representable, hence the absolute floor. Row-wise, relative to the row's largest entry, the
+# gradient must meet RTOL32 without the conditioning term.
+EPS32 = float(torch.finfo(torch.float32).eps)
+TINY32 = float(torch.finfo(torch.float32).tiny) * 8
+
+
+def loss_and_grad(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float | torch.Tensor,
+    implementation: str,
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    leaf = logits.detach().clone().requires_grad_()
+    loss = label_relaxation_loss(
+        leaf, target, alpha, reduction="none", implementation=implementation, **kwargs
+    )  # type: ignore[arg-type]
+    loss.sum().backward()
+    assert leaf.grad is not None
+    return loss.detach(), leaf.grad
+
+
+def assert_matches_reference(
+    logits: torch.Tensor, target: torch.Tensor, alpha: float | torch.Tensor, implementation: str
+) -> None:
+    loss, grad = loss_and_grad(logits, target, alpha, implementation)
+    ref = projected_kl(logits, target, alpha)
+    scale = loss_scale(logits, target, alpha)
+    err = (loss.double() - ref).abs()
+    assert bool((err <= RTOL32 * scale).all()), (
+        f"max loss error {(err / scale).max():.3e} of the terms' scale"
+    )
+    p_ref = torch.softmax(logits.double(), -1)
+    g_ref = expected_gradient(logits, target, alpha)
+    q_ref = p_ref - g_ref
+    g_err = (grad.double() - g_ref).abs()
+    magnitude = p_ref + q_ref.abs()
+    gap = (logits.double() - logits.double().amax(-1, keepdim=True)).abs()
+    g_tol = (RTOL32 + 2 * EPS32 * gap) * magnitude + TINY32
+    assert bool((g_err <= g_tol).all()), (
+        f"max gradient error {(g_err / g_tol).max():.3e} of tolerance"
+    )
+    row_err = g_err.amax(-1) / magnitude.amax(-1)
+    assert bool((row_err <= RTOL32).all()), f"max row-relative gradient error {row_err.max():.3e}"
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0, 100.0, 1e3, 1e4])
+@pytest.mark.parametrize("num_classes", [2, 7, 1000])
+def test_float32_matches_float64_reference(
+    implementation: str, scale: float, num_classes: int
+) -> None:
+    logits = torch.randn(256, num_classes) * scale
+    target = torch.randint(0, num_classes, (256,))
+    for alpha in (1e-5, 0.01, 0.1, 0.5, 0.9):
+        assert_matches_reference(logits, target, alpha, implementation)
+
+
+def test_float64_matches_reference_tightly(implementation: str) -> None:
+    logits = torch.randn(128, 50, dtype=torch.float64) * 5
+    target = torch.randint(0, 50, (128,))
+    loss, grad = loss_and_grad(logits, target, 0.2, implementation)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, projected_kl(logits, target, 0.2), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(grad, expected_gradient(logits, target, 0.2), rtol=1e-11, atol=1e-14)
+
+
+def test_gradcheck_float64(implementation: str) -> None:
+    logits = (torch.randn(6, 5, dtype=torch.float64) * 2).requires_grad_()
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    alpha = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64)
+    for reduction in ("none", "mean", "sum"):
+        assert torch.autograd.gradcheck(
+            lambda z, reduction=reduction: label_relaxation_loss(
+                z, target, alpha, reduction=reduction, implementation=implementation
+            ),
+            (logits,),
+        )
+
+
+def test_decision_right_for_tiny_alpha(implementation: str) -> None:
+    """Rows built with non-target mass just above and below alpha = 1e-5 are judged right."""
+    alpha = 1e-5
+    rows, num_classes = 400, 20
+    relative = torch.linspace(-0.2, 0.2, rows, dtype=torch.float64)
+    relative = torch.where(relative.abs() < 1e-3, 1e-3, relative)
+    r = alpha * (1 + relative)
+    # Target logit 0, the other 19 equal: r = 19 e^c / (1 + 19 e^c)  =>  c = log(r / (19 (1 - r))).
+    c = torch.log(r / ((num_classes - 1) * (1 - r)))
+    logits = c[:, None].expand(rows, num_classes).clone()
+    logits[:, 0] = 0
+    logits32 = logits.float()
+    target = torch.zeros(rows, dtype=torch.long)
+    loss, grad = loss_and_grad(logits32, target, alpha, implementation)
+    inside_ref = projected_kl(logits32, target, alpha) == 0
+    assert bool(((loss == 0) == inside_ref).all())
+    assert bool((grad[inside_ref] == 0).all())
+    assert int(inside_ref.sum()) == int((relative < 0).sum())
+
+
+def test_exact_zero_inside_the_set(implementation: str) -> None:
+    logits = torch.tensor([[8.0, 0.0, 0.0], [3.0, 3.0, 3.0], [0.0, 50.0, -4.0]])
+    target = torch.tensor([0, 1, 1])
+    loss, grad = loss_and_grad(logits, target, 0.1, implementation)
+    assert loss[0] == 0 and loss[2] == 0 and loss[1] > 0
+    assert bool((grad[0] == 0).all()) and bool((grad[2] == 0).all())
+    assert torch.allclose(grad.sum(-1), torch.zeros(3), atol=1e-7)
+
+
+def test_saturated_and_masked_rows_are_finite(implementation: str) -> None:
+    inf = float("inf")
+    logits = torch.tensor(
+        [
+            [-inf, 2.0, -inf, -inf],  # only the target is finite: inside the set
+            [0.0, -inf, 1.0, -inf],  # part of the vocabulary masked
+            [1e4, -1e4, 0.0, 3.0],  # saturated, target is the argmax
+            [-1e4, 1e4, 0.0, 3.0],  # saturated, target far below: p_y underflows
+            [80.0, -80.0, 0.0, 0.0],
+        ]
+    )
+    target = torch.tensor([1, 2, 0, 0, 1])
+    loss, grad = loss_and_grad(logits, target, 0.1, implementation)
+    assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad).all())
+    assert loss[0] == 0 and bool((grad[0] == 0).all()) and loss[2] == 0
+    finite = torch.isfinite(logits)
+    ref = projected_kl(logits, target, 0.1)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    g_ref = expected_gradient(logits, target, 0.1)
+    torch.testing.assert_close(grad.double()[finite], g_ref[finite], rtol=1e-6, atol=1e-7)
+    assert bool((grad[~finite] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_computed_in_float32(implementation: str, dtype: torch.dtype) -> None:
+    logits = (torch.randn(64, 33) * 3).to(dtype)
+    target = torch.randint(0, 33, (64,))
+    loss, grad = loss_and_grad(logits, target, 0.1, implementation)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    # The inputs are exact in float32, so the loss is float32-accurate; the gradient is rounded
+    # once to the half dtype.
+    ref = projected_kl(logits.float(), target, 0.1)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    g_ref = expected_gradient(logits.float(), target, 0.1)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(grad.double(), g_ref, rtol=eps, atol=eps * 1e-2)
+
+
+def test_autocast_cpu_bfloat16(implementation: str) -> None:
+    linear = torch.nn.Linear(16, 10)
+    x = torch.randn(32, 16)
+    target = torch.randint(0, 10, (32,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = linear(x)
+        assert logits.dtype == torch.bfloat16
+        loss = label_relaxation_loss(logits, target, 0.1, implementation=implementation)
+    assert loss.dtype == torch.float32 and bool(torch.isfinite(loss))
+    loss.backward()
+    assert linear.weight.grad is not None and bool(torch.isfinite(linear.weight.grad).all())
+    ref = projected_kl(logits.detach().float(), target, 0.1).mean()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_per_sample_alpha(implementation: str) -> None:
+    logits = torch.randn(4, 6, 9) * 2
+    target = torch.randint(0, 9, (4, 6))
+    alpha = torch.rand(4, 6) * 0.5 + 0.01
+    loss, grad = loss_and_grad(logits, target, alpha, implementation)
+    flat = logits.reshape(-1, 9), target.reshape(-1), alpha.reshape(-1)
+    torch.testing.assert_close(loss.reshape(-1).double(), projected_kl(*flat), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        grad.reshape(-1, 9).double(), expected_gradient(*flat), rtol=1e-6, atol=1e-7
+    )
+    # A broadcastable alpha: one per sequence position.
+    per_position = torch.rand(6) * 0.3 + 0.05
+    loss_b, _ = loss_and_grad(logits, target, per_position, implementation)
+    loss_e, _ = loss_and_grad(
+        logits, target, per_position.expand(4, 6).contiguous(), implementation
+    )
+    torch.testing.assert_close(loss_b, loss_e, rtol=0, atol=0)
+
+
+def test_single_row(implementation: str) -> None:
+    logits = torch.randn(12)
+    target = torch.tensor(3)
+    loss, grad = loss_and_grad(logits, target, 0.1, implementation)
+    assert loss.shape == () and grad.shape == (12,)
+    ref = projected_kl(logits[None], target[None], 0.1)[0]
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-7)
+    mean = label_relaxation_loss(logits, target, 0.1, implementation=implementation)  # type: ignore[arg-type]
+    torch.testing.assert_close(mean, loss)
+
+
+def test_fused_and_reference_agree_on_large_chunked_input() -> None:
+    """Several chunks of the fused path, per-row alpha, weights and ignored rows."""
+    from label_relaxation import _fused
+
+    rows = 3 * (_fused.CHUNK_ELEMENTS // 4099) + 5
+    logits = torch.randn(rows, 4099) * 4
+    target = torch.randint(0, 4099, (rows,))
+    target[::7] = -100
+    alpha = torch.rand(rows) * 0.3 + 0.01
+    weight = torch.rand(4099) + 0.5
+    kwargs = {"weight": weight, "reduction": "none"}
+    loss_f, grad_f = loss_and_grad(logits, target, alpha, "fused", weight=weight)
+    loss_r, grad_r = loss_and_grad(logits, target, alpha, "reference", weight=weight)
+    del kwargs
+    torch.testing.assert_close(loss_f, loss_r, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(grad_f, grad_r, rtol=2e-6, atol=1e-8)
+    assert bool((grad_f[::7] == 0).all()) and bool((loss_f[::7] == 0).all())
