@@ -236,8 +236,11 @@ def label_relaxation_loss(
             rows.logits, rows.target, rows.alpha, rows.row_weight, reduce, inplace
         )
         return loss if reduce else loss.reshape(batch_shape)
-    compute_logits = rows.logits.to(compute_dtype(logits.dtype))
+    counted = rows.row_weight != 0
+    zero = torch.zeros((), dtype=rows.row_weight.dtype, device=rows.row_weight.device)
+    # Rows that do not count (ignored, weight 0) are neutralised before any arithmetic, so that
+    # garbage there (-inf rows, NaN) cannot leak into the gradient through a where().
+    compute_logits = torch.where(counted.unsqueeze(-1), rows.logits.to(zero.dtype), zero)
     unweighted = reference_rows(compute_logits, rows.target, rows.alpha)
-    zero = torch.zeros((), dtype=unweighted.dtype, device=unweighted.device)
-    loss_rows = torch.where(rows.row_weight != 0, rows.row_weight * unweighted, zero)
+    loss_rows = torch.where(counted, rows.row_weight * unweighted, zero)
     return loss_rows.sum() if reduce else loss_rows.reshape(batch_shape)

@@ -1,0 +1,163 @@
+"""Behaviour specific to the fused eager path: in-place mode, buffer hand-over, dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from label_relaxation import label_relaxation_loss
+
+
+def model_logits(
+    rows: int = 16, classes: int = 12
+) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+    linear = torch.nn.Linear(8, classes)
+    x = torch.randn(rows, 8)
+    target = torch.randint(0, classes, (rows,))
+    return linear, x, target
+
+
+def parameter_grads(
+    inplace: bool, reduction: str = "mean", scale: float = 1.0
+) -> list[torch.Tensor]:
+    torch.manual_seed(3)
+    linear, x, target = model_logits()
+    loss = label_relaxation_loss(
+        linear(x) * 2.0, target, 0.1, reduction=reduction, inplace=inplace, implementation="fused"
+    )
+    (loss.sum() * scale).backward()
+    return [p.grad.clone() for p in linear.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_inplace_gives_the_same_parameter_gradients(reduction: str, scale: float) -> None:
+    expected = parameter_grads(False, reduction, scale)
+    got = parameter_grads(True, reduction, scale)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_inplace_writes_the_gradient_into_the_logits() -> None:
+    linear, x, target = model_logits()
+    logits = linear(x)
+    original = logits.detach().clone()
+    label_relaxation_loss(logits, target, 0.1, reduction="sum", inplace=True).backward()
+    leaf = original.clone().requires_grad_()
+    label_relaxation_loss(leaf, target, 0.1, reduction="sum").backward()
+    assert leaf.grad is not None
+    torch.testing.assert_close(logits.detach(), leaf.grad, rtol=0, atol=0)
+
+
+def test_inplace_refuses_a_leaf() -> None:
+    leaf = torch.randn(4, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="inplace=True cannot overwrite logits that are a leaf"):
+        label_relaxation_loss(leaf, torch.tensor([0, 1, 2, 3]), inplace=True)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda h: h.exp(),
+        lambda h: torch.sigmoid(h),
+        lambda h: torch.relu(h),
+        lambda h: torch.tanh(h).reshape(4, 5),
+        lambda h: h.exp()[:, :5],
+    ],
+)
+def test_inplace_refuses_logits_saved_by_their_producer(make) -> None:  # type: ignore[no-untyped-def]
+    h = torch.randn(4, 5, requires_grad=True)
+    logits = make(h)
+    with pytest.raises(ValueError, match="saved them for its own backward"):
+        label_relaxation_loss(logits, torch.tensor([0, 1, 2, 3]), inplace=True)
+
+
+def test_inplace_overwrite_of_logits_another_node_saved_is_caught_by_autograd() -> None:
+    h = torch.randn(4, 5, requires_grad=True)
+    logits = h * 3.0
+    other = (logits**2).sum()  # pow saves logits for its backward
+    loss = label_relaxation_loss(logits, torch.tensor([0, 1, 2, 3]), inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()
+
+
+def test_inplace_without_grad_leaves_logits_untouched() -> None:
+    logits = torch.randn(4, 5)
+    before = logits.clone()
+    label_relaxation_loss(logits, torch.tensor([0, 1, 2, 3]), inplace=True)
+    assert torch.equal(logits, before)
+
+
+def test_double_backward_raises_and_names_the_alternative() -> None:
+    logits = torch.randn(4, 5, requires_grad=True)
+    loss = label_relaxation_loss(logits, torch.tensor([0, 1, 2, 3]), implementation="fused")
+    with pytest.raises(RuntimeError, match="implementation='reference'"):
+        torch.autograd.grad(loss, logits, create_graph=True)
+
+
+def test_hessian_through_autograd_functional_raises() -> None:
+    target = torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match="implementation='reference'"):
+        torch.autograd.functional.hessian(
+            lambda z: label_relaxation_loss(z, target, implementation="fused"), torch.randn(2, 3)
+        )
+    hessian = torch.autograd.functional.hessian(
+        lambda z: label_relaxation_loss(z, target, implementation="reference"),
+        torch.randn(2, 3, dtype=torch.float64),
+    )
+    assert hessian.shape == (2, 3, 2, 3)
+
+
+def test_retain_graph_with_scaled_gradient_raises_clearly() -> None:
+    logits = torch.randn(4, 5, requires_grad=True)
+    loss = label_relaxation_loss(logits, torch.tensor([0, 1, 2, 3]), implementation="fused")
+    (loss * 0.5).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward was called a second time"):
+        (loss * 0.5).backward()
+
+
+def test_retain_graph_with_unit_gradient_works() -> None:
+    logits = torch.randn(4, 5, requires_grad=True)
+    loss = label_relaxation_loss(logits, torch.tensor([0, 1, 2, 3]), implementation="fused")
+    loss.backward(retain_graph=True)
+    assert logits.grad is not None
+    first = logits.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(logits.grad, 2 * first)
+
+
+def test_no_grad_forward_builds_no_graph() -> None:
+    logits = torch.randn(4, 5, requires_grad=True)
+    with torch.no_grad():
+        loss = label_relaxation_loss(logits, torch.tensor([0, 1, 2, 3]))
+    assert loss.grad_fn is None and not loss.requires_grad
+
+
+def test_fused_refuses_transforms_when_forced() -> None:
+    with pytest.raises(RuntimeError, match="implementation='fused' runs in plain eager mode only"):
+        torch.func.grad(
+            lambda z: label_relaxation_loss(z, torch.tensor([0, 1]), implementation="fused")
+        )(torch.randn(2, 3))
+
+
+def test_forward_mode_ad_uses_the_pure_formulation() -> None:
+    import torch.autograd.forward_ad as fwAD
+
+    logits = torch.randn(3, 4, dtype=torch.float64)
+    tangent = torch.randn(3, 4, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(logits, tangent)
+        jvp = fwAD.unpack_dual(label_relaxation_loss(dual, target, 0.2)).tangent
+    leaf = logits.clone().requires_grad_()
+    label_relaxation_loss(leaf, target, 0.2).backward()
+    assert leaf.grad is not None
+    torch.testing.assert_close(jvp, (leaf.grad * tangent).sum())
+
+
+def test_alpha_requiring_grad_gets_its_gradient() -> None:
+    """A differentiable alpha sends the call to the pure formulation: no silent None."""
+    logits = torch.randn(6, 4, dtype=torch.float64) * 3
+    alpha = torch.full((6,), 0.2, dtype=torch.float64, requires_grad=True)
+    label_relaxation_loss(logits, torch.randint(0, 4, (6,)), alpha).backward()
+    assert alpha.grad is not None and bool((alpha.grad != 0).any())
