@@ -90,7 +90,7 @@ def test_alpha_wrong_type_or_shape() -> None:
         call(LOGITS, TARGET, "0.1")
     with pytest.raises(TypeError, match="alpha must be a float or a floating tensor, got bool"):
         call(LOGITS, TARGET, True)
-    with pytest.raises(TypeError, match="alpha must be a floating tensor, got dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"alpha must be a floating tensor, got dtype torch.int64"):
         call(LOGITS, TARGET, torch.tensor([0, 0, 0, 0]))
     with pytest.raises(
         ValueError, match=r"broadcastable to logits.shape\[:-1\] = \(4,\), got shape \(5,\)"
@@ -122,7 +122,7 @@ def test_index_out_of_range_is_index_error(implementation: str, bad: int) -> Non
     ],
 )
 def test_floating_target_must_be_exactly_one_hot(target: torch.Tensor) -> None:
-    with pytest.raises(ValueError, match="must be exactly one-hot.*soft_label_relaxation_loss"):
+    with pytest.raises(ValueError, match=r"must be exactly one-hot.*soft_label_relaxation_loss"):
         call(LOGITS, target)
 
 

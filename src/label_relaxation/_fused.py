@@ -21,8 +21,8 @@ from torch import Tensor
 from label_relaxation._closed_form import AlphaLike, log_alpha_terms, relaxation_loss
 
 # 8 MiB of float32 per chunk: the chunk and its gradient rows together stay inside a 32 MiB L3
-# cache (2-core AMD EPYC here), while chunks stay large enough
-# that the Python loop over chunks costs little next to the arithmetic.
+# cache (the 2-core AMD EPYC this was tuned on), while chunks stay large enough that the
+# Python loop over them costs little next to the arithmetic.
 CHUNK_ELEMENTS = 1 << 21
 
 
