@@ -60,3 +60,19 @@ def expected_gradient(logits: Tensor, target: Tensor, alpha: Tensor | float) -> 
     """``p - q`` per row (zero inside the credal set), in float64."""
     p, q, _ = projection(logits, target, alpha)
     return p - q
+
+
+def closed_form(logits: Tensor, target: Tensor, alpha: float) -> Tensor:
+    """Differentiable closed form in the logits' dtype, for higher derivatives in float64.
+
+    Written independently of the package: log p_y from log_softmax, log(1 - p_y) as a
+    logsumexp over the non-target logits.
+    """
+    log_p = torch.log_softmax(logits, dim=-1)
+    is_target = torch.nn.functional.one_hot(target, logits.shape[-1]).bool()
+    log_py = log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    log_rest = torch.logsumexp(torch.where(is_target, float("-inf"), log_p), dim=-1)
+    loss = (1 - alpha) * (torch.log1p(torch.tensor(-alpha)) - log_py) + alpha * (
+        torch.log(torch.tensor(alpha)) - log_rest
+    )
+    return torch.where(log_rest > torch.log(torch.tensor(alpha)), loss, torch.zeros_like(loss))

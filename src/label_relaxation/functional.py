@@ -109,8 +109,8 @@ def _prepare(
         # nn.CrossEntropyLoss: index targets divide by the summed weight of counted positions,
         # one-hot (probability) targets by the number of positions.
         if one_hot:
-            positions = float(max(row_weight.numel(), 1))
-            denominator = torch.full((), positions, dtype=dtype, device=logits.device)
+            # Counted as a tensor: a Python number would specialise compiled graphs on N.
+            denominator = torch.ones_like(row_weight).sum().clamp_min(1)
         else:
             total = row_weight.sum()
             # An all-ignored batch gives 0 (with zero gradient) rather than CE's 0/0 = nan.

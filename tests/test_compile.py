@@ -1,0 +1,190 @@
+"""torch.compile: no graph breaks, no recompiles for alpha or shapes, safe under bad input.
+
+Most tests use the aot_eager backend (the traced graph is the point, and it compiles in about
+a second); those marked `inductor` compile real kernels, one or more per entry point.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
+
+from label_relaxation import LabelRelaxationLoss, label_relaxation_loss
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> None:
+    torch._dynamo.reset()
+
+
+def loss_and_grad(fn, logits: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    leaf = logits.detach().clone().requires_grad_()
+    loss = fn(leaf, *args)
+    loss.sum().backward()
+    assert leaf.grad is not None
+    return loss.detach(), leaf.grad
+
+
+CASES = {
+    "mean": {},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+    "weight+ignore": {"weight": torch.rand(11) + 0.5, "ignore_index": 0},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("target_kind", ["index", "one_hot"])
+@pytest.mark.parametrize("alpha_kind", ["float", "per_sample"])
+def test_fullgraph_matches_eager(case: str, target_kind: str, alpha_kind: str) -> None:
+    kwargs = CASES[case]
+    if target_kind == "one_hot" and "ignore_index" in kwargs:
+        pytest.skip("ignore_index does not apply to one-hot targets")
+    logits = torch.randn(2, 3, 11) * 3
+    target = torch.randint(0, 11, (2, 3))
+    target[0, 0] = 0
+    if target_kind == "one_hot":
+        target = torch.nn.functional.one_hot(target, 11).float()
+    alpha = 0.15 if alpha_kind == "float" else torch.rand(2, 3) * 0.4 + 0.01
+
+    def fn(z: torch.Tensor, y: torch.Tensor, a: float | torch.Tensor) -> torch.Tensor:
+        return label_relaxation_loss(z, y, a, **kwargs)  # type: ignore[arg-type]
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    loss_c, grad_c = loss_and_grad(compiled, logits, target, alpha)
+    loss_e, grad_e = loss_and_grad(fn, logits, target, alpha)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(loss_c, loss_e, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(grad_c, grad_e, rtol=2e-6, atol=1e-7)
+
+
+def test_module_alpha_schedule_compiles_once() -> None:
+    criterion = LabelRelaxationLoss(0.1)
+    counter = CompileCounter()
+    compiled = torch.compile(criterion, fullgraph=True, backend=counter)
+    logits = torch.randn(8, 6) * 3
+    target = torch.randint(0, 6, (8,))
+    for alpha in (0.1, 0.05, 0.2, 0.3, 0.01, 0.4):
+        criterion.alpha = alpha
+        expected = label_relaxation_loss(logits, target, alpha)
+        torch.testing.assert_close(compiled(logits, target), expected, rtol=1e-6, atol=1e-7)
+    assert counter.frame_count == 1
+
+
+def test_tensor_alpha_through_the_functional_compiles_once() -> None:
+    counter = CompileCounter()
+    compiled = torch.compile(label_relaxation_loss, fullgraph=True, backend=counter)
+    logits = torch.randn(8, 6) * 3
+    target = torch.randint(0, 6, (8,))
+    for alpha in (0.1, 0.05, 0.2, 0.3, 0.01, 0.4):
+        a = torch.tensor(alpha)
+        torch.testing.assert_close(
+            compiled(logits, target, a), label_relaxation_loss(logits, target, alpha)
+        )
+    assert counter.frame_count == 1
+
+
+def test_changing_batch_and_sequence_length() -> None:
+    criterion = LabelRelaxationLoss(0.1, ignore_index=-100)
+    shapes = [(2, 5), (3, 7), (4, 9), (5, 3), (6, 11)]
+
+    automatic = CompileCounter()
+    compiled = torch.compile(criterion, backend=automatic)
+    for batch, seq in shapes:
+        logits = torch.randn(batch, seq, 13)
+        target = torch.randint(0, 13, (batch, seq))
+        torch.testing.assert_close(
+            compiled(logits, target), criterion(logits, target), rtol=1e-6, atol=1e-7
+        )
+    # The first shape compiles static; the second triggers the one automatic-dynamic recompile.
+    assert automatic.frame_count <= 2
+
+    torch._dynamo.reset()
+    marked = CompileCounter()
+    compiled = torch.compile(criterion, backend=marked)
+    for batch, seq in shapes:
+        logits = torch.randn(batch, seq, 13)
+        target = torch.randint(0, 13, (batch, seq))
+        torch._dynamo.mark_dynamic(logits, 0)
+        torch._dynamo.mark_dynamic(logits, 1)
+        torch._dynamo.mark_dynamic(target, 0)
+        torch._dynamo.mark_dynamic(target, 1)
+        torch.testing.assert_close(
+            compiled(logits, target), criterion(logits, target), rtol=1e-6, atol=1e-7
+        )
+    assert marked.frame_count == 1
+
+    torch._dynamo.reset()
+    dynamic = CompileCounter()
+    compiled = torch.compile(criterion, backend=dynamic, dynamic=True)
+    for batch, seq in shapes:
+        logits = torch.randn(batch, seq, 13)
+        target = torch.randint(0, 13, (batch, seq))
+        torch.testing.assert_close(
+            compiled(logits, target), criterion(logits, target), rtol=1e-6, atol=1e-7
+        )
+    assert dynamic.frame_count == 1
+
+
+def test_autocast_bfloat16_compiled() -> None:
+    linear = torch.nn.Linear(8, 10)
+    x = torch.randn(16, 8)
+    target = torch.randint(0, 10, (16,))
+
+    def step(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return label_relaxation_loss(linear(x), target, 0.1)
+
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x, target)
+    assert loss.dtype == torch.float32 and bool(torch.isfinite(loss))
+    torch.testing.assert_close(loss, step(x, target), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.inductor
+def test_inductor_functional_with_ignore_index_and_bad_target() -> None:
+    """Real Inductor kernels: ignored positions, weights, gradient; then an out-of-range index.
+
+    On the CPU an out-of-range read inside an Inductor kernel aborts the process; every index we
+    read is clamped into range first, and the bad value raises through torch._assert_async.
+    """
+    weight = torch.rand(7) + 0.5
+
+    def fn(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return label_relaxation_loss(z, y, 0.1, weight=weight)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    logits = torch.randn(64, 7) * 3
+    target = torch.randint(0, 7, (64,))
+    target[::5] = -100
+    loss_c, grad_c = loss_and_grad(compiled, logits, target)
+    loss_e, grad_e = loss_and_grad(fn, logits, target)
+    torch.testing.assert_close(loss_c, loss_e, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(grad_c, grad_e, rtol=2e-6, atol=1e-7)
+    assert bool((grad_c[::5] == 0).all())
+
+    bad = target.clone()
+    bad[3] = 7
+    with pytest.raises(RuntimeError, match="out-of-range class index"):
+        compiled(logits, bad)
+    bad[3] = -5
+    with pytest.raises(RuntimeError, match="out-of-range class index"):
+        compiled(logits, bad)
+
+
+@pytest.mark.inductor
+def test_inductor_module_token_level() -> None:
+    criterion = LabelRelaxationLoss(0.1, ignore_index=-100)
+    compiled = torch.compile(criterion, fullgraph=True)
+    logits = torch.randn(2, 8, 50) * 2
+    target = torch.randint(0, 50, (2, 8))
+    target[:, -2:] = -100
+    loss_c, grad_c = loss_and_grad(compiled, logits, target)
+    loss_e, grad_e = loss_and_grad(criterion, logits, target)
+    torch.testing.assert_close(loss_c, loss_e, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(grad_c, grad_e, rtol=2e-6, atol=1e-7)
+    criterion.alpha = 0.3
+    torch.testing.assert_close(
+        compiled(logits, target), criterion(logits, target), rtol=2e-6, atol=1e-7
+    )
