@@ -51,8 +51,14 @@ def test_inplace_writes_the_gradient_into_the_logits() -> None:
 
 def test_inplace_refuses_a_leaf() -> None:
     leaf = torch.randn(4, 5, requires_grad=True)
-    with pytest.raises(ValueError, match="inplace=True cannot overwrite logits that are a leaf"):
+    with pytest.raises(
+        ValueError, match=r"inplace=True cannot overwrite logits that are \(a view of\) a leaf"
+    ):
         label_relaxation_loss(leaf, torch.tensor([0, 1, 2, 3]), inplace=True)
+    with pytest.raises(ValueError, match="a leaf tensor requiring grad"):
+        label_relaxation_loss(leaf.view(2, 2, 5), torch.tensor([[0, 1], [2, 3]]), inplace=True)
+    with pytest.raises(ValueError, match="a leaf tensor requiring grad"):
+        label_relaxation_loss(leaf[1:], torch.tensor([1, 2, 3]), inplace=True)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,19 @@ mode, ``torch.compile`` and ``torch.func``.
 """
 
 from label_relaxation.functional import label_relaxation_loss
-from label_relaxation.modules import LabelRelaxationLoss
+from label_relaxation.modules import (
+    LabelRelaxationLoss,
+    MixupLabelRelaxationLoss,
+    SoftLabelRelaxationLoss,
+)
+from label_relaxation.soft import mixup_label_relaxation_loss, soft_label_relaxation_loss
 
-__all__ = ["LabelRelaxationLoss", "label_relaxation_loss"]
+__all__ = [
+    "LabelRelaxationLoss",
+    "MixupLabelRelaxationLoss",
+    "SoftLabelRelaxationLoss",
+    "label_relaxation_loss",
+    "mixup_label_relaxation_loss",
+    "soft_label_relaxation_loss",
+]
 __version__ = "0.1.0"

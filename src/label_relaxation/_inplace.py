@@ -2,7 +2,8 @@
 
 Overwriting is safe only when nothing reads the logits' values afterwards. The rules:
 
-* a leaf that requires grad is refused: its values are the caller's parameters or inputs;
+* a leaf that requires grad, or a view of one, is refused: its values are the caller's
+  parameters or inputs;
 * logits that their producing autograd node saved for its own backward (``exp``, ``sigmoid``,
   ``softmax``, ``relu``, ...) are refused, also through views, because that node's gradient
   would be computed from the overwritten values;
@@ -45,13 +46,14 @@ def _saved_tensors(node: object) -> list[Tensor]:
 
 def check_inplace_allowed(logits: Tensor) -> None:
     """Raise ``ValueError`` if writing the gradient into ``logits`` could corrupt anything."""
-    if logits.is_leaf and logits.requires_grad:
-        raise ValueError(
-            "inplace=True cannot overwrite logits that are a leaf tensor requiring grad: their "
-            "values are an input or parameter of yours; pass inplace=False"
-        )
     tensor: Tensor | None = logits
     while tensor is not None:
+        if tensor.is_leaf and tensor.requires_grad:
+            raise ValueError(
+                "inplace=True cannot overwrite logits that are (a view of) a leaf tensor "
+                "requiring grad: their values are an input or parameter of yours; pass "
+                "inplace=False"
+            )
         node = tensor.grad_fn
         if node is not None:
             for saved in _saved_tensors(node):

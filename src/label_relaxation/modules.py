@@ -10,9 +10,60 @@ from torch import Tensor, nn
 from label_relaxation import _validation as check
 from label_relaxation._validation import Reduction
 from label_relaxation.functional import Implementation, label_relaxation_loss
+from label_relaxation.soft import mixup_label_relaxation_loss, soft_label_relaxation_loss
 
 
-class LabelRelaxationLoss(nn.Module):
+class _RelaxationModule(nn.Module):
+    """Shared state of the criteria: alpha in a float64 buffer, optional class weights."""
+
+    alpha_buffer: Tensor
+    weight: Tensor | None
+
+    def __init__(self, alpha: float, weight: Tensor | None, reduction: Reduction) -> None:
+        super().__init__()
+        check.check_alpha_float(alpha)
+        check.check_reduction(reduction)
+        if weight is not None and (weight.dim() != 1 or not weight.is_floating_point()):
+            raise ValueError(
+                f"weight must be a floating tensor of shape (C,), got dtype {weight.dtype} "
+                f"and shape {tuple(weight.shape)}"
+            )
+        self._alpha_value = float(alpha)
+        # Not persistent: alpha is a hyperparameter, and a state_dict stays loadable into a
+        # criterion built with another alpha (nn.CrossEntropyLoss has weight alone).
+        self.register_buffer(
+            "alpha_buffer", torch.tensor(self._alpha_value, dtype=torch.float64), persistent=False
+        )
+        self.register_buffer("weight", weight)
+        self.reduction: Reduction = reduction
+
+    @property
+    def alpha(self) -> float:
+        """The relaxation in (0, 1); assigning it updates the buffer in place."""
+        return self._alpha_value
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        check.check_alpha_float(value)
+        self._alpha_value = float(value)
+        with torch.no_grad():
+            self.alpha_buffer.fill_(self._alpha_value)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> _RelaxationModule:
+        # Module.half() and friends cast every floating buffer; alpha keeps float64 so that
+        # 0.1 stays 0.1, and only follows device moves.
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        device = self.alpha_buffer.device
+        if self.alpha_buffer.dtype != torch.float64:
+            self.alpha_buffer = torch.tensor(self._alpha_value, dtype=torch.float64, device=device)
+        return self
+
+    def extra_repr(self) -> str:
+        """Show alpha and reduction."""
+        return f"alpha={self._alpha_value!r}, reduction={self.reduction!r}"
+
+
+class LabelRelaxationLoss(_RelaxationModule):
     """Criterion computing :func:`~label_relaxation.label_relaxation_loss`.
 
     A drop-in for ``nn.CrossEntropyLoss`` with the class dimension last. ``alpha`` lives in a
@@ -49,9 +100,6 @@ class LabelRelaxationLoss(nn.Module):
         LabelRelaxationLoss(alpha=0.05, reduction='mean')
     """
 
-    alpha_buffer: Tensor
-    weight: Tensor | None
-
     def __init__(
         self,
         alpha: float = 0.1,
@@ -62,46 +110,10 @@ class LabelRelaxationLoss(nn.Module):
         inplace: bool = False,
         implementation: Implementation = "auto",
     ) -> None:
-        super().__init__()
-        check.check_alpha_float(alpha)
-        check.check_reduction(reduction)
-        if weight is not None and (weight.dim() != 1 or not weight.is_floating_point()):
-            raise ValueError(
-                f"weight must be a floating tensor of shape (C,), got dtype {weight.dtype} "
-                f"and shape {tuple(weight.shape)}"
-            )
-        self._alpha_value = float(alpha)
-        # Not persistent: alpha is a hyperparameter, and a state_dict stays loadable into a
-        # criterion built with another alpha (nn.CrossEntropyLoss has weight alone).
-        self.register_buffer(
-            "alpha_buffer", torch.tensor(self._alpha_value, dtype=torch.float64), persistent=False
-        )
-        self.register_buffer("weight", weight)
+        super().__init__(alpha, weight, reduction)
         self.ignore_index = ignore_index
-        self.reduction: Reduction = reduction
         self.inplace = inplace
         self.implementation: Implementation = implementation
-
-    @property
-    def alpha(self) -> float:
-        """The relaxation in (0, 1); assigning it updates the buffer in place."""
-        return self._alpha_value
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        check.check_alpha_float(value)
-        self._alpha_value = float(value)
-        with torch.no_grad():
-            self.alpha_buffer.fill_(self._alpha_value)
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LabelRelaxationLoss:
-        # Module.half() and friends cast every floating buffer; alpha keeps float64 so that
-        # 0.1 stays 0.1, and only follows device moves.
-        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
-        device = self.alpha_buffer.device
-        if self.alpha_buffer.dtype != torch.float64:
-            self.alpha_buffer = torch.tensor(self._alpha_value, dtype=torch.float64, device=device)
-        return self
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """Compute the loss of logits ``input`` ``(..., C)`` against ``target``."""
@@ -118,9 +130,90 @@ class LabelRelaxationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         """Show alpha and reduction (and ignore_index when it is not the default)."""
-        parts = [f"alpha={self._alpha_value!r}", f"reduction={self.reduction!r}"]
+        parts = [super().extra_repr()]
         if self.ignore_index != -100:
             parts.append(f"ignore_index={self.ignore_index}")
         if self.inplace:
             parts.append("inplace=True")
         return ", ".join(parts)
+
+
+class SoftLabelRelaxationLoss(_RelaxationModule):
+    """Criterion computing :func:`~label_relaxation.soft_label_relaxation_loss`.
+
+    Args:
+        alpha: Relaxation in the open interval (0, 1), held as in :class:`LabelRelaxationLoss`.
+        weight: Optional class weights ``(C,)``; a row is weighted by ``Σ_k weight_k·t_k``.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+
+    Raises:
+        ValueError: ``alpha`` outside (0, 1), or an unknown ``reduction``.
+
+    Shape:
+        - input, target: ``(..., C)``.
+        - output: ``()``, or ``(...)`` with ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from label_relaxation import SoftLabelRelaxationLoss
+        >>> criterion = SoftLabelRelaxationLoss(alpha=0.1)
+        >>> target = torch.softmax(torch.randn(4, 6), -1)  # e.g. a teacher's distribution
+        >>> criterion(torch.randn(4, 6), target).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self, alpha: float = 0.1, *, weight: Tensor | None = None, reduction: Reduction = "mean"
+    ) -> None:
+        super().__init__(alpha, weight, reduction)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """Compute the loss of logits ``input`` against target distributions ``target``."""
+        return soft_label_relaxation_loss(
+            input, target, self.alpha_buffer, weight=self.weight, reduction=self.reduction
+        )
+
+
+class MixupLabelRelaxationLoss(_RelaxationModule):
+    """Criterion computing :func:`~label_relaxation.mixup_label_relaxation_loss`.
+
+    Args:
+        alpha: Relaxation in the open interval (0, 1), held as in :class:`LabelRelaxationLoss`.
+        weight: Optional class weights ``(C,)``.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+
+    Raises:
+        ValueError: ``alpha`` outside (0, 1), or an unknown ``reduction``.
+
+    Shape:
+        - input: ``(..., C)``; target_a, target_b: ``(...)``; lam: scalar or ``(...)``.
+        - output: ``()``, or ``(...)`` with ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from label_relaxation import MixupLabelRelaxationLoss
+        >>> criterion = MixupLabelRelaxationLoss(alpha=0.1)
+        >>> logits = torch.randn(4, 6)
+        >>> a, b = torch.randint(0, 6, (4,)), torch.randint(0, 6, (4,))
+        >>> criterion(logits, a, b, 0.7).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self, alpha: float = 0.1, *, weight: Tensor | None = None, reduction: Reduction = "mean"
+    ) -> None:
+        super().__init__(alpha, weight, reduction)
+
+    def forward(
+        self, input: Tensor, target_a: Tensor, target_b: Tensor, lam: float | Tensor
+    ) -> Tensor:
+        """Compute the loss of logits ``input`` against ``lam·e_a + (1-lam)·e_b``."""
+        return mixup_label_relaxation_loss(
+            input,
+            target_a,
+            target_b,
+            lam,
+            self.alpha_buffer,
+            weight=self.weight,
+            reduction=self.reduction,
+        )

@@ -1,0 +1,7 @@
+"""``python -m label_relaxation``: the command line."""
+
+import sys
+
+from label_relaxation.cli import main
+
+sys.exit(main())

@@ -1,0 +1,421 @@
+"""Benchmark harness: label relaxation against cross-entropy baselines, eager and compiled.
+
+Method (used by ``label-relaxation bench`` and described in the docs):
+
+* every variant gets its own copy of the logits, made outside the timed region, so in-place
+  variants start from the same values and gradients flow into a non-leaf as in a model;
+* each variant runs once untimed first (warm-up; compiled variants compile there, and that
+  first call's duration is reported separately as compile time);
+* then ``repeat`` rounds, each timing every variant's forward pass once, then every variant's
+  forward+backward pass once (interleaved, so drifts in machine state hit all variants alike;
+  the order rotates from round to round, so no variant always follows the same neighbour);
+  the table reports medians;
+* on CUDA every timing is bracketed by ``torch.cuda.synchronize()``;
+* peak extra memory is the largest amount the variant holds above what existed before its
+  call: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the running sum of the
+  allocator's events recorded by ``torch.profiler`` (``profile_memory=True``), in a separate
+  untimed call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from label_relaxation.functional import label_relaxation_loss
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+MODES = (
+    "ce",
+    "ce-compiled",
+    "ls",
+    "ls-compiled",
+    "lr",
+    "lr-compiled",
+    "lr-inplace",
+    "lr-reference",
+    "floor",
+)
+
+
+@dataclass
+class Variant:
+    """One row of the table: how to compute the loss, and what it is compared against."""
+
+    name: str
+    description: str
+    loss: LossFn
+    compiled: bool = False
+    inplace: bool = False
+    floor: bool = False
+
+
+@dataclass
+class Measurement:
+    """Raw timings (seconds) and memory of one variant at one shape."""
+
+    variant: str
+    description: str
+    forward_s: list[float] = field(default_factory=list)
+    train_s: list[float] = field(default_factory=list)
+    compile_s: float | None = None
+    peak_extra_bytes: int | None = None
+    error: str | None = None
+
+    @property
+    def forward_median(self) -> float | None:
+        """Median forward time, or ``None`` if the variant did not run."""
+        return statistics.median(self.forward_s) if self.forward_s else None
+
+    @property
+    def train_median(self) -> float | None:
+        """Median forward+backward time, or ``None`` if the variant did not run."""
+        return statistics.median(self.train_s) if self.train_s else None
+
+
+@dataclass
+class ShapeResult:
+    """All variants measured at one logits shape."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    logits_bytes: int
+    measurements: list[Measurement]
+
+
+def _floor_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """One read pass over the logits; its backward writes one full-size gradient."""
+    del target
+    return logits.sum()
+
+
+def build_variants(alpha: float, modes: Sequence[str]) -> list[Variant]:
+    """The variants named in ``modes``, in the table's order."""
+
+    def ce(z: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(z.flatten(0, -2), y.flatten())
+
+    def ls(z: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(z.flatten(0, -2), y.flatten(), label_smoothing=alpha)
+
+    def lr(z: Tensor, y: Tensor) -> Tensor:
+        return label_relaxation_loss(z, y, alpha)
+
+    def lr_inplace(z: Tensor, y: Tensor) -> Tensor:
+        return label_relaxation_loss(z, y, alpha, inplace=True)
+
+    def lr_reference(z: Tensor, y: Tensor) -> Tensor:
+        return label_relaxation_loss(z, y, alpha, implementation="reference")
+
+    def compiled(fn: LossFn) -> LossFn:
+        return torch.compile(fn, fullgraph=True, dynamic=False)
+
+    catalogue = {
+        "ce": lambda: Variant("ce", "F.cross_entropy, eager", ce),
+        "ce-compiled": lambda: Variant(
+            "ce-compiled", "F.cross_entropy, torch.compile", compiled(ce), compiled=True
+        ),
+        "ls": lambda: Variant("ls", f"cross-entropy, label_smoothing={alpha}, eager", ls),
+        "ls-compiled": lambda: Variant(
+            "ls-compiled", f"cross-entropy, label_smoothing={alpha}, compiled", compiled(ls), True
+        ),
+        "lr": lambda: Variant("lr", "label relaxation, eager (fused)", lr),
+        "lr-compiled": lambda: Variant(
+            "lr-compiled", "label relaxation, torch.compile", compiled(lr), compiled=True
+        ),
+        "lr-inplace": lambda: Variant(
+            "lr-inplace", "label relaxation, eager, inplace=True", lr_inplace, inplace=True
+        ),
+        "lr-reference": lambda: Variant(
+            "lr-reference", "label relaxation, pure formulation, eager", lr_reference
+        ),
+        "floor": lambda: Variant(
+            "floor", "one read pass (backward: one write)", _floor_loss, floor=True
+        ),
+    }
+    return [catalogue[mode]() for mode in modes]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_forward(variant: Variant, logits: Tensor, target: Tensor) -> float:
+    device = logits.device
+    _synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        variant.loss(logits, target)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _time_train(variant: Variant, base: Tensor, target: Tensor) -> float:
+    """Time forward+backward on a fresh non-leaf copy of ``base`` (copy not timed)."""
+    leaf = base.detach().requires_grad_()
+    logits = leaf.clone()
+    device = base.device
+    _synchronize(device)
+    start = time.perf_counter()
+    variant.loss(logits, target).backward()  # type: ignore[no-untyped-call]
+    _synchronize(device)
+    elapsed = time.perf_counter() - start
+    del logits
+    leaf.grad = None
+    return elapsed
+
+
+def _peak_extra_bytes(variant: Variant, base: Tensor, target: Tensor) -> int | None:
+    """Largest allocation above the starting point during one forward+backward."""
+    leaf = base.detach().requires_grad_()
+    logits = leaf.clone()
+    if base.device.type == "cuda":
+        torch.cuda.synchronize(base.device)
+        before = torch.cuda.memory_allocated(base.device)
+        torch.cuda.reset_peak_memory_stats(base.device)
+        variant.loss(logits, target).backward()  # type: ignore[no-untyped-call]
+        torch.cuda.synchronize(base.device)
+        return int(torch.cuda.max_memory_allocated(base.device) - before)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as profiler:
+        variant.loss(logits, target).backward()  # type: ignore[no-untyped-call]
+    results = getattr(profiler.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in results.events()
+        if event.name() == "[memory]"
+    )
+    running = itertools.accumulate(nbytes for _, nbytes in events)
+    return max(0, max(running, default=0))
+
+
+def _error_text(error: BaseException) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line}"[:200]
+
+
+def measure_shape(
+    shape: tuple[int, ...],
+    variants: Sequence[Variant],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    repeat: int,
+    progress: Callable[[str], None],
+    seed: int = 0,
+) -> ShapeResult:
+    """Measure every variant at one shape: warm-up, interleaved timed rounds, memory."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    base = (torch.randn(shape, generator=generator) * 2).to(device=device, dtype=dtype)
+    target = torch.randint(0, shape[-1], shape[:-1], generator=generator).to(device)
+    results = {v.name: Measurement(v.name, v.description) for v in variants}
+    live = []
+    for variant in variants:
+        progress(f"  {variant.name}: warm-up{' and compile' if variant.compiled else ''}")
+        result = results[variant.name]
+        try:
+            started = time.perf_counter()
+            _time_forward(variant, base, target)
+            _time_train(variant, base, target)
+            if variant.compiled:
+                result.compile_s = time.perf_counter() - started
+            result.peak_extra_bytes = _peak_extra_bytes(variant, base, target)
+            live.append(variant)
+        except Exception as error:  # a failed variant is reported; the run goes on
+            result.error = _error_text(error)
+            progress(f"  {variant.name}: failed ({result.error})")
+    for round_index in range(repeat):
+        progress(f"  round {round_index + 1}/{repeat}")
+        # Forward passes of all variants first, then forward+backward passes: a forward timing
+        # never follows directly on the large frees that end another variant's backward.
+        # The order rotates every round, so that each variant takes each position equally.
+        shift = round_index % max(len(live), 1)
+        order = live[shift:] + live[:shift]
+        for timer, times in ((_time_forward, "forward_s"), (_time_train, "train_s")):
+            for variant in order:
+                result = results[variant.name]
+                if result.error is not None:
+                    continue
+                try:
+                    getattr(result, times).append(timer(variant, base, target))
+                except Exception as error:
+                    result.error = _error_text(error)
+    return ShapeResult(
+        shape=tuple(shape),
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        logits_bytes=base.numel() * base.element_size(),
+        measurements=[results[v.name] for v in variants],
+    )
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on."""
+    thp_path = "/sys/kernel/mm/transparent_hugepage/enabled"
+    thp_kernel = None
+    if os.path.exists(thp_path):
+        with open(thp_path) as handle:
+            thp_kernel = handle.read().strip()
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "device": str(device),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+        "transparent_hugepage": thp_kernel,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def _ratio(value: float | None, baseline: float | None) -> str:
+    if value is None or baseline is None or baseline == 0:
+        return "-"
+    return f"{value / baseline:.2f}x"
+
+
+def _bandwidth(nbytes: int, seconds: float | None) -> str:
+    if seconds is None or seconds == 0:
+        return "-"
+    return f"{nbytes / seconds / 1e9:.1f}"
+
+
+def _memory(nbytes: int | None, logits_bytes: int) -> str:
+    if nbytes is None:
+        return "-"
+    return f"{nbytes / 2**20:.0f} MiB ({nbytes / logits_bytes:.2f}x)"
+
+
+def format_table(result: ShapeResult) -> str:
+    """A plain-text table for one shape; ratios are to eager cross-entropy in the same run."""
+    baseline = next((m for m in result.measurements if m.variant == "ce"), None)
+    base_fwd = baseline.forward_median if baseline else None
+    base_train = baseline.train_median if baseline else None
+    header = (
+        "variant",
+        "fwd ms",
+        "fwd vs ce",
+        "fwd+bwd ms",
+        "fwd+bwd vs ce",
+        "GB/s fwd",
+        "GB/s fwd+bwd",
+        "peak extra memory",
+        "compile s",
+    )
+    rows = [header]
+    for m in result.measurements:
+        if m.error is not None:
+            rows.append((m.variant, f"failed: {m.error}", "", "", "", "", "", "", ""))
+            continue
+        rows.append(
+            (
+                m.variant,
+                _ms(m.forward_median),
+                _ratio(m.forward_median, base_fwd),
+                _ms(m.train_median),
+                _ratio(m.train_median, base_train),
+                _bandwidth(result.logits_bytes, m.forward_median),
+                # forward+backward must at least read the logits and write their gradient
+                _bandwidth(2 * result.logits_bytes, m.train_median),
+                _memory(m.peak_extra_bytes, result.logits_bytes),
+                "-" if m.compile_s is None else f"{m.compile_s:.1f}",
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows if len(row) > i) for i in range(len(header))]
+    lines = []
+    for index, row in enumerate(rows):
+        if row[1].startswith("failed"):
+            lines.append(f"{row[0]:<{widths[0]}}  {row[1]}")
+        else:
+            cells = [f"{row[0]:<{widths[0]}}"] + [
+                f"{cell:>{widths[i + 1]}}" for i, cell in enumerate(row[1:])
+            ]
+            lines.append("  ".join(cells))
+        if index == 0:
+            lines.append("-" * len(lines[0]))
+    shape = "x".join(str(s) for s in result.shape)
+    size = result.logits_bytes / 2**20
+    title = f"logits {shape} {result.dtype} on {result.device} ({size:.0f} MiB)"
+    return "\n".join([title, *lines])
+
+
+def to_json(
+    results: Sequence[ShapeResult], info: dict[str, Any], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything measured, raw timings included."""
+    return {
+        "machine": info,
+        "settings": settings,
+        "results": [
+            {
+                **{k: v for k, v in asdict(result).items() if k != "measurements"},
+                "measurements": [
+                    {
+                        **asdict(m),
+                        "forward_median_s": m.forward_median,
+                        "train_median_s": m.train_median,
+                    }
+                    for m in result.measurements
+                ],
+            }
+            for result in results
+        ],
+    }
+
+
+def plot(results: Sequence[ShapeResult], path: str) -> None:
+    """Bar chart of forward+backward time relative to eager cross-entropy, one group per shape."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the optional extra
+        raise RuntimeError(
+            "--plot needs matplotlib: pip install 'label-relaxation[plot]'"
+        ) from error
+    names = [m.variant for m in results[0].measurements]
+    width = 0.8 / max(len(results), 1)
+    figure, axis = plt.subplots(figsize=(max(6, len(names) * 0.9), 4))
+    for index, result in enumerate(results):
+        baseline = next((m.train_median for m in result.measurements if m.variant == "ce"), None)
+        values = [
+            (m.train_median / baseline) if m.train_median and baseline else math.nan
+            for m in result.measurements
+        ]
+        positions = [i + (index - (len(results) - 1) / 2) * width for i in range(len(names))]
+        label = "x".join(str(s) for s in result.shape) + f" {result.dtype}"
+        axis.bar(positions, values, width=width, label=label)
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axis.set_ylabel("forward+backward time / eager cross-entropy")
+    axis.set_title(f"label-relaxation benchmark (torch {torch.__version__})")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

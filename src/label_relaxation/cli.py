@@ -1,0 +1,179 @@
+"""Command line: ``label-relaxation bench`` (also ``python -m label_relaxation bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from label_relaxation import benchmark
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_SHAPES = "2048x32000"
+DEFAULT_MODES = ",".join(benchmark.MODES)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a shape is sizes joined by 'x', like 8192x32000 or 2x512x50257, got {text!r}"
+        ) from None
+    if len(shape) < 2 or any(size < 1 for size in shape) or shape[-1] < 2:
+        raise argparse.ArgumentTypeError(
+            f"a shape needs at least two positive sizes and >= 2 classes last, got {text!r}"
+        )
+    return shape
+
+
+def _shapes(text: str) -> list[tuple[int, ...]]:
+    return [_shape(part) for part in text.split(",") if part.strip()]
+
+
+def _modes(text: str) -> list[str]:
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [mode for mode in modes if mode not in benchmark.MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(
+            f"modes must be a comma-separated subset of {', '.join(benchmark.MODES)}; got {text!r}"
+        )
+    return modes
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"alpha must lie in (0, 1), got {text!r}")
+    return value
+
+
+def _repeat(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"repeat must be a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``label-relaxation`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="label-relaxation",
+        description="Label relaxation loss for PyTorch: tools.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser(
+        "bench",
+        help="time label relaxation against cross-entropy, eager and compiled",
+        description=(
+            "Median forward and forward+backward times of label relaxation and cross-entropy "
+            "baselines, eager and compiled, with ratios to eager cross-entropy from the same "
+            "run. Progress goes to stderr, the table to stdout."
+        ),
+    )
+    bench.add_argument(
+        "--shapes",
+        type=_shapes,
+        default=_shapes(DEFAULT_SHAPES),
+        help=f"comma-separated logits shapes, class dimension last (default {DEFAULT_SHAPES})",
+    )
+    bench.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--alpha", type=_alpha, default=0.1, help="alpha (default 0.1)")
+    bench.add_argument(
+        "--modes",
+        type=_modes,
+        default=_modes(DEFAULT_MODES),
+        help=f"comma-separated variants (default: all of {DEFAULT_MODES})",
+    )
+    bench.add_argument(
+        "--repeat", type=_repeat, default=5, help="timed rounds per variant (default 5)"
+    )
+    bench.add_argument("--json", metavar="PATH", help="write machine, settings and raw timings")
+    bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
+    return parser
+
+
+def _device(name: str, parser: argparse.ArgumentParser) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run the benchmark described by parsed ``args``; print the tables."""
+    device = _device(args.device, parser)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'label-relaxation[plot]'")
+    dtype = _DTYPES[args.dtype]
+    info = benchmark.machine_info(device)
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    variants = benchmark.build_variants(args.alpha, args.modes)
+    results = []
+    for shape in args.shapes:
+        progress(f"shape {'x'.join(map(str, shape))} {args.dtype} on {device}:")
+        results.append(
+            benchmark.measure_shape(
+                shape, variants, dtype=dtype, device=device, repeat=args.repeat, progress=progress
+            )
+        )
+    print(
+        f"torch {info['torch']}, {info['processor']}, {info['cpu_count']} CPUs, "
+        f"{info['torch_threads']} torch threads, device {info['device']}"
+        + (f" ({info['gpu']})" if "gpu" in info else "")
+    )
+    print(
+        f"THP_MEM_ALLOC_ENABLE={info['THP_MEM_ALLOC_ENABLE']}, "
+        f"transparent_hugepage: {info['transparent_hugepage']}; alpha={args.alpha}; "
+        f"medians of {args.repeat} interleaved rounds"
+    )
+    for result in results:
+        print()
+        print(benchmark.format_table(result))
+    settings = {
+        "shapes": [list(shape) for shape in args.shapes],
+        "dtype": args.dtype,
+        "alpha": args.alpha,
+        "modes": args.modes,
+        "repeat": args.repeat,
+        "command": " ".join(sys.argv),
+    }
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(benchmark.to_json(results, info, settings), handle, indent=2)
+        progress(f"wrote {args.json}")
+    if args.plot:
+        benchmark.plot(results, args.plot)
+        progress(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``label-relaxation`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return run_bench(args, parser)
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Smoke tests of the benchmark CLI on tiny shapes (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from label_relaxation import benchmark
+from label_relaxation.cli import main
+
+FAST_MODES = "ce,ls,lr,lr-inplace,lr-reference,floor"
+
+
+def test_bench_writes_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bench.json"
+    code = main(
+        [
+            "bench",
+            "--shapes",
+            "16x10,2x3x7",
+            "--repeat",
+            "2",
+            "--modes",
+            FAST_MODES,
+            "--json",
+            str(path),
+        ]
+    )
+    assert code == 0
+    out, err = capsys.readouterr()
+    assert "fwd+bwd vs ce" in out and "THP_MEM_ALLOC_ENABLE" in out
+    assert "round 2/2" in err and "round 1/2" not in out
+    data = json.loads(path.read_text())
+    assert data["machine"]["torch"] == torch.__version__
+    assert data["settings"]["modes"] == FAST_MODES.split(",")
+    assert [r["shape"] for r in data["results"]] == [[16, 10], [2, 3, 7]]
+    for result in data["results"]:
+        assert result["logits_bytes"] == 4 * int(torch.tensor(result["shape"]).prod())
+        names = [m["variant"] for m in result["measurements"]]
+        assert names == FAST_MODES.split(",")
+        for m in result["measurements"]:
+            assert m["error"] is None
+            assert len(m["forward_s"]) == 2 and len(m["train_s"]) == 2
+            assert all(t > 0 for t in m["forward_s"] + m["train_s"])
+            assert m["train_median_s"] == statistics.median(m["train_s"])
+        peak = {m["variant"]: m["peak_extra_bytes"] for m in result["measurements"]}
+        assert peak["lr-inplace"] < peak["lr"] <= peak["ce"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shapes", "8192"], "at least two positive sizes"),
+        (["--shapes", "axb"], "sizes joined by 'x'"),
+        (["--modes", "lr,fast"], "modes must be a comma-separated subset"),
+        (["--alpha", "1.5"], r"alpha must lie in \(0, 1\)"),
+        (["--repeat", "0"], "repeat must be a positive integer"),
+        (["--dtype", "int8"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_usage_errors(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    assert re.search(message, err)
+
+
+def test_a_failing_variant_is_reported_and_the_run_goes_on() -> None:
+    def broken(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise MemoryError("out of memory (simulated)")
+
+    variants = [
+        *benchmark.build_variants(0.1, ["ce"]),
+        benchmark.Variant("broken", "raises", broken),
+    ]
+    result = benchmark.measure_shape(
+        (8, 5),
+        variants,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        repeat=1,
+        progress=lambda _: None,
+    )
+    ce, failed = result.measurements
+    assert ce.error is None and len(ce.train_s) == 1
+    assert failed.error == "MemoryError: out of memory (simulated)" and failed.train_s == []
+    assert "failed: MemoryError: out of memory (simulated)" in benchmark.format_table(result)
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    assert (
+        main(["bench", "--shapes", "8x6", "--repeat", "1", "--modes", "ce,lr", "--plot", str(path)])
+        == 0
+    )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_python_dash_m_entry_point() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "label_relaxation", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--shapes" in completed.stdout and "--plot" in completed.stdout
