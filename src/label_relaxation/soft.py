@@ -146,10 +146,10 @@ def soft_label_relaxation_loss(
     Example:
         >>> import torch
         >>> from label_relaxation import soft_label_relaxation_loss
-        >>> logits = torch.tensor([[2.0, 0.0, -1.0]])
-        >>> smoothed = torch.tensor([[0.9, 0.05, 0.05]])
+        >>> logits = torch.tensor([[0.0, 2.0, -1.0]])
+        >>> smoothed = torch.tensor([[0.9, 0.05, 0.05]])  # a label-smoothed target
         >>> soft_label_relaxation_loss(logits, smoothed, alpha=0.1)
-        tensor(0.0436)
+        tensor(1.3346)
     """
     num_classes = check.check_logits(logits)
     check.check_reduction(reduction)
