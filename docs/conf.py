@@ -6,7 +6,7 @@ import label_relaxation
 
 project = "label-relaxation"
 author = "The label-relaxation developers"
-copyright = "2026, The label-relaxation developers"  # noqa: A001 (Sphinx's name)
+copyright = "2026, The label-relaxation developers"
 release = label_relaxation.__version__
 version = release
 
