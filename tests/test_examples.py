@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "legacy" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 EXAMPLES = [
     (page, index, block)
     for page in PAGES
