@@ -241,8 +241,13 @@ def test_bad_mixup_arguments() -> None:
         mixup_label_relaxation_loss(logits, a, b, torch.tensor([0.5, -0.2]))
     with pytest.raises(ValueError, match=r"target_b must have shape logits.shape\[:-1\] = \(2,\)"):
         mixup_label_relaxation_loss(logits, a, torch.tensor([0]), 0.5)
-    with pytest.raises(IndexError, match="Target 3 is out of bounds"):
+    with pytest.raises(
+        IndexError,
+        match=r"Target 3 is out of bounds: target_b must hold class indices in \[0, 3\)$",
+    ):
         mixup_label_relaxation_loss(logits, a, torch.tensor([3, 0]), 0.5)
+    with pytest.raises(ValueError, match=r"lam must be a float or a tensor broadcastable"):
+        mixup_label_relaxation_loss(logits, a, b, torch.rand(3))
 
 
 def test_compiled_and_vmapped() -> None:

@@ -69,17 +69,17 @@ def check_alpha_float(alpha: float) -> None:
         raise ValueError(f"alpha must lie in the open interval (0, 1), got {alpha!r}")
 
 
-def check_alpha_tensor(alpha: Tensor, batch_shape: torch.Size) -> None:
+def check_alpha_tensor(alpha: Tensor, batch_shape: torch.Size, name: str = "alpha") -> None:
     """Check the dtype and shape of a tensor ``alpha`` (its values are checked separately)."""
     if not alpha.is_floating_point():
-        raise TypeError(f"alpha must be a floating tensor, got dtype {alpha.dtype}")
+        raise TypeError(f"{name} must be a floating tensor, got dtype {alpha.dtype}")
     try:
         broadcast = torch.broadcast_shapes(alpha.shape, batch_shape)  # type: ignore[no-untyped-call]
     except RuntimeError:
         broadcast = None
     if broadcast != batch_shape:
         raise ValueError(
-            f"alpha must be a float or a tensor broadcastable to logits.shape[:-1] = "
+            f"{name} must be a float or a tensor broadcastable to logits.shape[:-1] = "
             f"{tuple(batch_shape)}, got shape {tuple(alpha.shape)}"
         )
 
@@ -133,14 +133,20 @@ def check_target_kind(target: object, logits: Tensor) -> bool:
     return True
 
 
-def check_index_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
+def check_index_values(
+    target: Tensor, num_classes: int, ignore_index: int | None, name: str = "target"
+) -> None:
     """Eager-only: raise ``IndexError`` for an index outside ``[0, C)`` but ``ignore_index``."""
-    in_range = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
+    in_range = (target >= 0) & (target < num_classes)
+    if ignore_index is not None:
+        in_range |= target == ignore_index
     if not bool(in_range.all()):
         bad = int(target[~in_range].flatten()[0].item())
+        allowed = f"[0, {num_classes})"
+        if ignore_index is not None:
+            allowed += f" or ignore_index={ignore_index}"
         raise IndexError(
-            f"Target {bad} is out of bounds: target must hold class indices in [0, {num_classes}) "
-            f"or ignore_index={ignore_index}"
+            f"Target {bad} is out of bounds: {name} must hold class indices in {allowed}"
         )
 
 

@@ -249,11 +249,11 @@ def mixup_label_relaxation_loss(
             )
     eager_checks = validate and check.value_checks_allowed()
     if eager_checks:
-        check.check_index_values(target_a, num_classes, ignore_index=-(2**62))
-        check.check_index_values(target_b, num_classes, ignore_index=-(2**62))
+        check.check_index_values(target_a, num_classes, None, name="target_a")
+        check.check_index_values(target_b, num_classes, None, name="target_b")
     dtype = compute_dtype(logits.dtype)
     if isinstance(lam, Tensor):
-        check.check_alpha_tensor(lam, batch_shape)
+        check.check_alpha_tensor(lam, batch_shape, name="lam")
         if eager_checks and not bool(((lam >= 0) & (lam <= 1)).all()):
             raise ValueError("lam must lie in [0, 1], got a value outside it")
         lam_t = lam.to(dtype).expand(batch_shape).unsqueeze(-1)
