@@ -286,3 +286,69 @@ def test_inductor_mixup() -> None:
     torch.testing.assert_close(
         compiled(logits, a, b, lam), criterion(logits, a, b, lam), rtol=2e-6, atol=1e-7
     )
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("scale", [0.5, 3.0, 30.0])
+def test_fused_mixup_matches_the_general_formulation(reduction: str, scale: float) -> None:
+    generator = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(64, 12, generator=generator, dtype=torch.float64) * scale
+    a = torch.randint(0, 12, (64,), generator=generator)
+    b = torch.randint(0, 12, (64,), generator=generator)
+    b[:8] = a[:8]  # same class: a one-hot target
+    lam = torch.rand(64, generator=generator, dtype=torch.float64)
+    lam[8:12] = 0.0
+    lam[12:16] = 1.0
+    weight = torch.rand(12, generator=generator, dtype=torch.float64) + 0.5
+    results = {}
+    for implementation in ("fused", "reference"):
+        leaf = logits.clone().requires_grad_()
+        loss = mixup_label_relaxation_loss(
+            leaf, a, b, lam, 0.15, weight=weight, reduction=reduction, implementation=implementation
+        )
+        loss.sum().backward()
+        results[implementation] = (loss.detach(), leaf.grad)
+    torch.testing.assert_close(results["fused"][0], results["reference"][0], rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(results["fused"][1], results["reference"][1], rtol=1e-9, atol=1e-13)
+
+
+def test_fused_mixup_float32_and_bfloat16() -> None:
+    logits = torch.randn(256, 1000) * 4
+    a, b = torch.randint(0, 1000, (256,)), torch.randint(0, 1000, (256,))
+    lam = torch.rand(256)
+    reference = mixup_label_relaxation_loss(
+        logits.double(), a, b, lam.double(), 0.1, reduction="none"
+    )
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
+        leaf = logits.to(dtype).detach().clone().requires_grad_()
+        loss = mixup_label_relaxation_loss(leaf, a, b, lam, 0.1, reduction="none")
+        loss.sum().backward()
+        assert loss.dtype == torch.float32 and leaf.grad is not None and leaf.grad.dtype == dtype
+        exact = mixup_label_relaxation_loss(
+            leaf.detach().double(), a, b, lam.double(), 0.1, reduction="none"
+        )
+        torch.testing.assert_close(loss.double(), exact, rtol=rtol, atol=1e-6)
+    assert bool(torch.isfinite(reference).all())
+
+
+@pytest.mark.inductor
+def test_inductor_soft_module_with_alpha_schedule() -> None:
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    criterion = SoftLabelRelaxationLoss(0.1)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(criterion, fullgraph=True, backend=counter)
+    logits = torch.randn(32, 9) * 2
+    target = torch.softmax(torch.randn(32, 9) * 2, -1)
+    for alpha in (0.1, 0.3):
+        criterion.alpha = alpha
+        leaf_c = logits.clone().requires_grad_()
+        leaf_e = logits.clone().requires_grad_()
+        loss_c = compiled(leaf_c, target)
+        loss_e = criterion(leaf_e, target)
+        loss_c.backward()
+        loss_e.backward()
+        torch.testing.assert_close(loss_c, loss_e, rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(leaf_c.grad, leaf_e.grad, rtol=2e-6, atol=1e-7)
+    assert counter.frame_count == 1

@@ -13,6 +13,7 @@ This path runs in plain eager mode only; :mod:`label_relaxation.functional` send
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -183,34 +184,36 @@ def fused_rows(
 
 
 _DOUBLE_BACKWARD = (
-    "label_relaxation_loss: the fused implementation computes its gradient in the forward "
+    "label_relaxation: the fused implementation computes its gradient in the forward "
     "pass and supports first-order reverse mode only. For double backward "
     "(create_graph=True, Hessians), call it with implementation='reference', or use "
     "torch.func transforms, which use that implementation automatically."
 )
 _SECOND_BACKWARD = (
-    "label_relaxation_loss: backward was called a second time through the same graph "
+    "label_relaxation: backward was called a second time through the same graph "
     "(retain_graph=True) after the first one scaled the fused implementation's gradient "
     "buffer in place by an incoming gradient other than 1. Call it with "
     "implementation='reference' to backpropagate through the same graph more than once."
 )
 
 
-class FusedLabelRelaxation(torch.autograd.Function):
-    """Autograd node of the fused path: the forward pass stores the finished gradient."""
+RowsKernel = Callable[[Tensor | None], Tensor]
+
+
+class FusedLoss(torch.autograd.Function):
+    """Autograd node of the fused kernels: the forward pass stores the finished gradient.
+
+    ``kernel(grad_out)`` returns the weighted loss rows and writes their gradient with respect
+    to ``logits`` into ``grad_out`` (a fresh buffer, or ``logits`` itself in in-place mode).
+    """
 
     @staticmethod
     def forward(
-        logits: Tensor,
-        target: Tensor,
-        alpha: AlphaLike,
-        row_weight: Tensor,
-        reduce: bool,
-        inplace: bool,
+        logits: Tensor, kernel: RowsKernel, reduce: bool, inplace: bool
     ) -> tuple[Tensor, Tensor]:
         """Return ``(loss, grad)``; ``loss`` is the sum of weighted rows when ``reduce``."""
         grad = logits if inplace else torch.empty_like(logits)
-        loss_rows = fused_rows(logits, target, alpha, row_weight, grad)
+        loss_rows = kernel(grad)
         loss = loss_rows.sum() if reduce else loss_rows
         # In in-place mode the gradient is the logits' own storage, which setup_context takes
         # from the inputs; an empty placeholder keeps the output structure fixed.
@@ -219,7 +222,7 @@ class FusedLabelRelaxation(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
         """Save the gradient buffer; autograd frees it with the graph, as any saved tensor."""
-        logits, _, _, _, _, inplace = inputs
+        logits, _, _, inplace = inputs
         ctx.save_for_backward(logits if inplace else output[1])
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
@@ -230,7 +233,7 @@ class FusedLabelRelaxation(torch.autograd.Function):
         ctx: Any, grad_loss: Tensor | None, _unused: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         """Scale the stored gradient by ``grad_loss``, handing the buffer over where possible."""
-        none = (None, None, None, None, None)
+        none = (None, None, None)
         if grad_loss is None:
             return (None, *none)
         if torch.is_grad_enabled():

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from label_relaxation import _validation as check
 from label_relaxation._closed_form import AlphaLike
-from label_relaxation._fused import FusedLabelRelaxation, compute_dtype, fused_rows
+from label_relaxation._fused import FusedLoss, compute_dtype, fused_rows
 from label_relaxation._inplace import check_inplace_allowed
 from label_relaxation._reference import reference_rows
 from label_relaxation._validation import Reduction
@@ -125,11 +125,24 @@ def _is_dual(tensor: Tensor) -> bool:
     return dual.tangent is not None
 
 
+def check_implementation(implementation: str) -> None:
+    """Raise ``ValueError`` for an unknown ``implementation``."""
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}"
+        )
+
+
+def is_transformed(logits: Tensor) -> bool:
+    """Whether this call is traced by torch.compile, a torch.func transform or forward AD."""
+    return torch.compiler.is_compiling() or check.functorch_active() or _is_dual(logits)
+
+
 def _use_fused(rows: _Rows, weight: Tensor | None, implementation: str) -> bool:
     """Pick the fused eager path where it is valid, else the pure formulation."""
     if implementation == "reference":
         return False
-    transformed = torch.compiler.is_compiling() or check.functorch_active() or _is_dual(rows.logits)
+    transformed = is_transformed(rows.logits)
     needs_other_grad = (isinstance(rows.alpha, Tensor) and rows.alpha.requires_grad) or (
         weight is not None and weight.requires_grad
     )
@@ -217,10 +230,7 @@ def label_relaxation_loss(
         >>> logits.grad[0]  # the first row is inside the credal set
         tensor([0., 0., 0.])
     """
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}"
-        )
+    check_implementation(implementation)
     rows = _prepare(logits, target, alpha, weight, ignore_index, reduction, validate)
     batch_shape = logits.shape[:-1]
     reduce = reduction != "none"
@@ -231,10 +241,12 @@ def label_relaxation_loss(
             return loss_rows.sum() if reduce else loss_rows.reshape(batch_shape)
         if inplace:
             check_inplace_allowed(logits)
+
+        def kernel(grad_out: Tensor | None) -> Tensor:
+            return fused_rows(rows.logits, rows.target, rows.alpha, rows.row_weight, grad_out)
+
         loss: Tensor
-        loss, _ = FusedLabelRelaxation.apply(
-            rows.logits, rows.target, rows.alpha, rows.row_weight, reduce, inplace
-        )
+        loss, _ = FusedLoss.apply(rows.logits, kernel, reduce, inplace)
         return loss if reduce else loss.reshape(batch_shape)
     counted = rows.row_weight != 0
     zero = torch.zeros((), dtype=rows.row_weight.dtype, device=rows.row_weight.device)

@@ -24,8 +24,10 @@ import torch
 from torch import Tensor
 
 from label_relaxation import _validation as check
-from label_relaxation._fused import compute_dtype
+from label_relaxation._fused import FusedLoss, compute_dtype
+from label_relaxation._fused_mixup import fused_mixup_rows
 from label_relaxation._validation import Reduction
+from label_relaxation.functional import Implementation, check_implementation, is_transformed
 
 
 def _target_tolerance(dtype: torch.dtype) -> float:
@@ -196,6 +198,7 @@ def mixup_label_relaxation_loss(
     *,
     weight: Tensor | None = None,
     reduction: Reduction = "mean",
+    implementation: Implementation = "auto",
     validate: bool = True,
 ) -> Tensor:
     """Label relaxation for mixup/CutMix: the target ``lam·e_a + (1-lam)·e_b``.
@@ -212,6 +215,9 @@ def mixup_label_relaxation_loss(
         alpha: Relaxation in (0, 1).
         weight: Optional class weights ``(C,)`` (see :func:`soft_label_relaxation_loss`).
         reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        implementation: ``"auto"`` (a fused kernel for the two classes in plain eager mode,
+            the general pure formulation under ``torch.compile``, ``torch.func`` and
+            forward-mode AD), ``"fused"`` or ``"reference"``.
         validate: Check index ranges and ``lam`` in eager mode.
 
     Returns:
@@ -261,15 +267,86 @@ def mixup_label_relaxation_loss(
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be a number or tensor in [0, 1], got {lam!r}")
         lam_t = torch.tensor(float(lam), dtype=dtype, device=logits.device)
+    bad_index = ((target_a < 0) | (target_a >= num_classes)) | (
+        (target_b < 0) | (target_b >= num_classes)
+    )
+    if _use_fused_mixup(logits, alpha, lam, weight, implementation, eager_checks):
+        lam_rows = lam_t.squeeze(-1) if lam_t.dim() > 0 else lam_t
+        return _fused_mixup(
+            logits, target_a, target_b, lam_rows, alpha, weight=weight, reduction=reduction
+        )
     classes = torch.arange(num_classes, device=logits.device)
     safe_a = target_a.clamp(0, num_classes - 1).unsqueeze(-1)
     safe_b = target_b.clamp(0, num_classes - 1).unsqueeze(-1)
     mixed = lam_t * (classes == safe_a).to(dtype) + (1 - lam_t) * (classes == safe_b).to(dtype)
-    bad_index = ((target_a < 0) | (target_a >= num_classes)) | (
-        (target_b < 0) | (target_b >= num_classes)
-    )
     # Out-of-range indices (unchecked modes) become a non-distribution row, hence NaN.
     mixed = torch.where(bad_index.unsqueeze(-1), torch.full_like(mixed, -1.0), mixed)
     return soft_label_relaxation_loss(
         logits, mixed, alpha, weight=weight, reduction=reduction, validate=validate
     )
+
+
+def _use_fused_mixup(
+    logits: Tensor,
+    alpha: float | Tensor,
+    lam: float | Tensor,
+    weight: Tensor | None,
+    implementation: str,
+    eager_checks: bool,
+) -> bool:
+    """The fused two-class kernel in plain eager mode, when every value was checked."""
+    check_implementation(implementation)
+    if implementation == "reference":
+        return False
+    transformed = is_transformed(logits)
+    if implementation == "fused" and transformed:
+        raise RuntimeError(
+            "implementation='fused' runs in plain eager mode only; under torch.compile, "
+            "torch.func transforms or forward-mode AD use implementation='auto' or 'reference'"
+        )
+    differentiable = [t for t in (alpha, lam, weight) if isinstance(t, Tensor)]
+    return eager_checks and not transformed and not any(t.requires_grad for t in differentiable)
+
+
+def _fused_mixup(
+    logits: Tensor,
+    target_a: Tensor,
+    target_b: Tensor,
+    lam: Tensor,
+    alpha: float | Tensor,
+    *,
+    weight: Tensor | None,
+    reduction: Reduction,
+) -> Tensor:
+    """Mixup loss through the fused kernel (inputs already validated)."""
+    num_classes = logits.shape[-1]
+    batch_shape = logits.shape[:-1]
+    dtype = compute_dtype(logits.dtype)
+    rows = logits.reshape(-1, num_classes)
+    index_a = target_a.reshape(-1).long()
+    index_b = target_b.reshape(-1).long()
+    lam_rows = lam.expand(batch_shape).reshape(-1)
+    same = index_a == index_b
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(dtype).expand(batch_shape).reshape(-1)
+    relaxed = 1 - alpha
+    c_a = torch.where(same, relaxed * torch.ones_like(lam_rows), relaxed * lam_rows)
+    c_b = torch.where(same, torch.zeros_like(lam_rows), relaxed * (1 - lam_rows))
+    if weight is None:
+        row_weight = torch.ones_like(lam_rows)
+    else:
+        w = weight.to(dtype)
+        row_weight = lam_rows * w[index_a] + (1 - lam_rows) * w[index_b]
+    if reduction == "mean":
+        row_weight = row_weight / max(row_weight.numel(), 1)
+
+    def kernel(grad_out: Tensor | None) -> Tensor:
+        return fused_mixup_rows(rows, index_a, index_b, c_a, c_b, alpha, row_weight, grad_out)
+
+    if not (rows.requires_grad and torch.is_grad_enabled()):
+        loss_rows = kernel(None)
+    else:
+        loss: Tensor
+        loss, _ = FusedLoss.apply(rows, kernel, reduction != "none", False)
+        return loss if reduction != "none" else loss.reshape(batch_shape)
+    return loss_rows.sum() if reduction != "none" else loss_rows.reshape(batch_shape)
