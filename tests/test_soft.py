@@ -331,14 +331,35 @@ def test_fused_mixup_float32_and_bfloat16() -> None:
     assert bool(torch.isfinite(reference).all())
 
 
-@pytest.mark.inductor
-def test_inductor_soft_module_with_alpha_schedule() -> None:
+def test_soft_module_alpha_schedule_compiles_once() -> None:
+    """Recompilation is decided by Dynamo's guards, the same for every backend."""
     torch._dynamo.reset()
     from torch._dynamo.testing import CompileCounterWithBackend
 
     criterion = SoftLabelRelaxationLoss(0.1)
-    counter = CompileCounterWithBackend("inductor")
+    counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(criterion, fullgraph=True, backend=counter)
+    logits = torch.randn(32, 9) * 2
+    target = torch.softmax(torch.randn(32, 9) * 2, -1)
+    compiles_after_first_call = None
+    for alpha in (0.1, 0.05, 0.2, 0.3, 0.01, 0.4):
+        criterion.alpha = alpha
+        expected = soft_label_relaxation_loss(logits, target, alpha)
+        torch.testing.assert_close(compiled(logits, target), expected, rtol=1e-6, atol=1e-7)
+        if compiles_after_first_call is None:
+            compiles_after_first_call = counter.frame_count
+    # Dynamo restarts its analysis once inside the first compile of this graph (its pass that
+    # turns Python floats into tensors), which the counter sees as a second backend call; what
+    # matters is that no alpha after the first triggers a compile.
+    assert compiles_after_first_call is not None and compiles_after_first_call <= 2
+    assert counter.frame_count == compiles_after_first_call
+
+
+@pytest.mark.inductor
+def test_inductor_soft_module() -> None:
+    torch._dynamo.reset()
+    criterion = SoftLabelRelaxationLoss(0.1)
+    compiled = torch.compile(criterion, fullgraph=True)
     logits = torch.randn(32, 9) * 2
     target = torch.softmax(torch.randn(32, 9) * 2, -1)
     for alpha in (0.1, 0.3):
@@ -351,4 +372,3 @@ def test_inductor_soft_module_with_alpha_schedule() -> None:
         loss_e.backward()
         torch.testing.assert_close(loss_c, loss_e, rtol=2e-6, atol=1e-7)
         torch.testing.assert_close(leaf_c.grad, leaf_e.grad, rtol=2e-6, atol=1e-7)
-    assert counter.frame_count == 1
