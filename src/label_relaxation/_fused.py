@@ -136,6 +136,35 @@ def _clear_uncounted_nan_rows(grad: Tensor, rest: Tensor, row_weight: Tensor) ->
         grad.masked_fill_(garbage, 0.0)
 
 
+def for_each_chunk(
+    logits: Tensor, grad_out: Tensor | None, step: Callable[[slice, Tensor], None]
+) -> None:
+    """Walk ``logits`` ``(N, C)`` in row chunks that stay in cache.
+
+    ``step(rows, work)`` gets the chunk's row slice and a work buffer of the chunk's shape in
+    the compute dtype: the chunk of ``grad_out`` itself when it has that dtype (possibly the
+    logits, in-place mode), else a reused scratch buffer that is copied into ``grad_out``
+    (half-precision gradients) or dropped (forward only, ``grad_out`` is ``None``).
+    """
+    rows, num_classes = logits.shape
+    dtype = compute_dtype(logits.dtype)
+    chunk_rows = max(1, CHUNK_ELEMENTS // num_classes)
+    direct = grad_out is not None and grad_out.dtype == dtype
+    scratch = None
+    if not direct:
+        scratch = logits.new_empty((min(chunk_rows, rows), num_classes), dtype=dtype)
+    for start in range(0, rows, chunk_rows):
+        chunk = slice(start, min(start + chunk_rows, rows))
+        if grad_out is not None and direct:
+            work = grad_out[chunk]
+        else:
+            assert scratch is not None
+            work = scratch[: chunk.stop - start]
+        step(chunk, work)
+        if grad_out is not None and not direct:
+            grad_out[chunk].copy_(work)
+
+
 def fused_rows(
     logits: Tensor,
     target: Tensor,
@@ -148,39 +177,28 @@ def fused_rows(
     ``grad_out`` is ``None`` (forward only: a single chunk-sized scratch buffer is reused),
     a fresh ``(N, C)`` tensor, or ``logits`` itself (in-place mode).
     """
-    rows, num_classes = logits.shape
-    dtype = compute_dtype(logits.dtype)
-    chunk_rows = max(1, CHUNK_ELEMENTS // num_classes)
-    direct = grad_out is not None and grad_out.dtype == dtype
-    scratch = None
-    if not direct:
-        scratch = logits.new_empty((min(chunk_rows, rows), num_classes), dtype=dtype)
-    stats = _RowStatistics(*logits.new_empty((3, rows, 1), dtype=dtype))
+    stats = _RowStatistics(
+        *logits.new_empty((3, logits.shape[0], 1), dtype=compute_dtype(logits.dtype))
+    )
     target = target.unsqueeze(-1)
     row_weight = row_weight.unsqueeze(-1)
-    if isinstance(alpha, Tensor):
-        alpha = alpha.unsqueeze(-1)
-    for start in range(0, rows, chunk_rows):
-        stop = min(start + chunk_rows, rows)
-        if grad_out is not None and direct:
-            work = grad_out[start:stop]
-        else:
-            assert scratch is not None
-            work = scratch[: stop - start]
+    column_alpha = alpha.unsqueeze(-1) if isinstance(alpha, Tensor) else alpha
+
+    def step(chunk: slice, work: Tensor) -> None:
         _chunk(
-            logits[start:stop],
-            target[start:stop],
-            alpha[start:stop] if isinstance(alpha, Tensor) else alpha,
-            row_weight[start:stop],
+            logits[chunk],
+            target[chunk],
+            column_alpha[chunk] if isinstance(column_alpha, Tensor) else column_alpha,
+            row_weight[chunk],
             work,
-            _RowStatistics(*(stat[start:stop] for stat in stats)),
+            _RowStatistics(*(stat[chunk] for stat in stats)),
             write_grad=grad_out is not None,
         )
-        if grad_out is not None and not direct:
-            grad_out[start:stop].copy_(work)
+
+    for_each_chunk(logits, grad_out, step)
     if grad_out is not None:
         _clear_uncounted_nan_rows(grad_out, stats.rest, row_weight)
-    return _loss_from_statistics(stats, alpha, row_weight).squeeze(-1)
+    return _loss_from_statistics(stats, column_alpha, row_weight).squeeze(-1)
 
 
 _DOUBLE_BACKWARD = (

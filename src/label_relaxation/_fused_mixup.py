@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from label_relaxation._fused import CHUNK_ELEMENTS, compute_dtype
+from label_relaxation._fused import for_each_chunk
 
 
 class _Projection(NamedTuple):
@@ -127,29 +127,16 @@ def fused_mixup_rows(
     ``index_a``, ``index_b``, ``c_a``, ``c_b``, ``row_weight`` and a tensor ``alpha`` are
     ``(N,)``; ``c_b`` is 0 where ``index_a == index_b``.
     """
-    rows, num_classes = logits.shape
-    dtype = compute_dtype(logits.dtype)
-    chunk_rows = max(1, CHUNK_ELEMENTS // num_classes)
-    direct = grad_out is not None and grad_out.dtype == dtype
-    scratch = None
-    if not direct:
-        scratch = logits.new_empty((min(chunk_rows, rows), num_classes), dtype=dtype)
     columns = [t.unsqueeze(-1) for t in (index_a, index_b, c_a, c_b, row_weight)]
-    if isinstance(alpha, Tensor):
-        alpha = alpha.unsqueeze(-1)
-    losses = []
-    for start in range(0, rows, chunk_rows):
-        stop = min(start + chunk_rows, rows)
-        if grad_out is not None and direct:
-            work = grad_out[start:stop]
-        else:
-            assert scratch is not None
-            work = scratch[: stop - start]
-        a, b, ca, cb, w = (column[start:stop] for column in columns)
-        chunk_alpha = alpha[start:stop] if isinstance(alpha, Tensor) else alpha
+    column_alpha = alpha.unsqueeze(-1) if isinstance(alpha, Tensor) else alpha
+    losses: list[Tensor] = []
+
+    def step(chunk: slice, work: Tensor) -> None:
+        a, b, ca, cb, w = (column[chunk] for column in columns)
+        chunk_alpha = column_alpha[chunk] if isinstance(column_alpha, Tensor) else column_alpha
         losses.append(
-            _chunk(logits[start:stop], a, b, ca, cb, chunk_alpha, w, work, grad_out is not None)
+            _chunk(logits[chunk], a, b, ca, cb, chunk_alpha, w, work, grad_out is not None)
         )
-        if grad_out is not None and not direct:
-            grad_out[start:stop].copy_(work)
+
+    for_each_chunk(logits, grad_out, step)
     return torch.cat(losses).squeeze(-1)
