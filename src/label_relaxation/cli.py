@@ -160,7 +160,7 @@ def _add_calibrate(commands: Any) -> None:
         "--preset",
         choices=("default", "paper", "tiny"),
         default="default",
-        help="default: 3 datasets, 3 seeds, alpha 0.1 (about 5 minutes on 2 cores); paper: "
+        help="default: 3 datasets, 3 seeds, alpha 0.1 (under 2 minutes on 2 cores here); paper: "
         "the paper's MNIST setup (MLP 2x1024, SGD Nesterov 0.9, lr 0.05, batch 64, 25 epochs, "
         "alpha from the paper's grid on a validation split, seeds 0-9); tiny: a smoke test",
     )
