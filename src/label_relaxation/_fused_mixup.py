@@ -26,7 +26,11 @@ from label_relaxation._fused import for_each_chunk
 class _Projection(NamedTuple):
     """Per-row projection, every field ``(R, 1)``."""
 
+    inside: Tensor  # bool: p already in the credal set
     tau: Tensor
+    p_a: Tensor
+    p_b: Tensor
+    total: Tensor  # unnormalised mass of the row
     q_a: Tensor
     q_b: Tensor
     log_p_a: Tensor
@@ -65,7 +69,7 @@ def _project(
     tau = torch.where(inside, torch.ones_like(p_a), torch.where(one_clamped, tau_one, tau_two))
     q_a = torch.maximum(c_a, tau * p_a)
     q_b = torch.maximum(c_b, tau * p_b)
-    return _Projection(tau, q_a, q_b, log_p_a, log_p_b, rest)
+    return _Projection(inside, tau, p_a, p_b, total, q_a, q_b, log_p_a, log_p_b, rest)
 
 
 def _chunk(
@@ -95,20 +99,17 @@ def _chunk(
     e_rest = work.sum(-1, keepdim=True)
     shifted_b = torch.where(same, float("-inf"), shifted_b)
     proj = _project(shifted_a, shifted_b, e_a, e_b, e_rest, c_a, c_b, alpha)
-    total = e_rest + e_a + e_b
-    p_a, p_b = e_a / total, e_b / total
-    inside = proj.tau == 1
     zero = torch.zeros((), dtype=work.dtype, device=work.device)
     log_tau = proj.tau.log()
     loss = proj.tau * proj.rest * torch.where(proj.rest > 0, log_tau, zero)
     loss = loss + torch.where(proj.q_a > 0, proj.q_a * (proj.q_a.log() - proj.log_p_a), zero)
     loss = loss + torch.where(proj.q_b > 0, proj.q_b * (proj.q_b.log() - proj.log_p_b), zero)
-    loss = torch.where(inside, zero, loss)
+    loss = torch.where(proj.inside, zero, loss)
     if write_grad:
-        work.mul_(row_weight * (1 - proj.tau) / total)
+        work.mul_(row_weight * (1 - proj.tau) / proj.total)
         # Scatter b first: when a == b, a's entry must win.
-        work.scatter_(-1, index_b, row_weight * (p_b - proj.q_b))
-        work.scatter_(-1, index_a, row_weight * (p_a - proj.q_a))
+        work.scatter_(-1, index_b, row_weight * (proj.p_b - proj.q_b))
+        work.scatter_(-1, index_a, row_weight * (proj.p_a - proj.q_a))
     return torch.where(row_weight != 0, row_weight * loss, zero)
 
 
