@@ -82,6 +82,24 @@ def test_float32_matches_float64_reference(
         assert_matches_reference(logits, target, alpha, implementation)
 
 
+@pytest.mark.parametrize("offset", [1e3, -5e3, 3e4])
+@pytest.mark.parametrize("num_classes", [7, 1003])
+def test_large_common_offset_keeps_precision(
+    implementation: str, offset: float, num_classes: int
+) -> None:
+    """Logits far from 0 but close together: only their differences may be rounded.
+
+    Softmax ignores a common offset. Scaling the logits by log2(e) with a separate rounding
+    before subtracting the shift would cost eps·|z| (~2e-3 at 3e4) of relative precision;
+    the tolerance (gap-dependent, as above) allows only eps·|z - max z|. Class counts 7 and
+    1003 exercise the scalar tail of vectorised kernels.
+    """
+    logits = (torch.randn(64, num_classes, dtype=torch.float64) * 3 + offset).float()
+    target = torch.randint(0, num_classes, (64,))
+    for alpha in (0.01, 0.1, 0.5):
+        assert_matches_reference(logits, target, alpha, implementation)
+
+
 def test_float64_matches_reference_tightly(implementation: str) -> None:
     logits = torch.randn(128, 50, dtype=torch.float64) * 5
     target = torch.randint(0, 50, (128,))

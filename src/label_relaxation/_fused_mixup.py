@@ -20,7 +20,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from label_relaxation._fused import for_each_chunk
+from label_relaxation._fused import (
+    LN_2,
+    exp2_shifted_into,
+    exponent,
+    for_each_chunk,
+    row_exponent_shift,
+)
 
 
 class _Projection(NamedTuple):
@@ -84,20 +90,20 @@ def _chunk(
     write_grad: bool,
 ) -> Tensor:
     """Weighted loss of one chunk; with ``write_grad`` leave ``w·(p - q)`` in ``work``."""
-    shift = logits.amax(-1, keepdim=True).to(work.dtype)
-    shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    shifted_a = logits.gather(-1, index_a).to(work.dtype) - shift
-    shifted_b = logits.gather(-1, index_b).to(work.dtype) - shift
-    torch.sub(logits, shift, out=work)
-    work.exp_()
+    neg_shift = row_exponent_shift(logits, work.dtype)
+    neg_shift = torch.where(torch.isfinite(neg_shift), neg_shift, 0.0)
+    exponent_a = exponent(logits.gather(-1, index_a).to(work.dtype), neg_shift)
+    exponent_b = exponent(logits.gather(-1, index_b).to(work.dtype), neg_shift)
+    exp2_shifted_into(logits, neg_shift, work)
     same = index_a == index_b
-    e_a = shifted_a.exp()
+    e_a = exponent_a.exp2()
     # When a == b the target is one-hot: class b contributes no mass of its own.
-    e_b = torch.where(same, 0.0, shifted_b.exp())
+    e_b = torch.where(same, 0.0, exponent_b.exp2())
     work.scatter_(-1, index_a, 0.0)
     work.scatter_(-1, index_b, 0.0)
     e_rest = work.sum(-1, keepdim=True)
-    shifted_b = torch.where(same, float("-inf"), shifted_b)
+    shifted_a = LN_2 * exponent_a
+    shifted_b = torch.where(same, float("-inf"), LN_2 * exponent_b)
     proj = _project(shifted_a, shifted_b, e_a, e_b, e_rest, c_a, c_b, alpha)
     zero = torch.zeros((), dtype=work.dtype, device=work.device)
     log_tau = proj.tau.log()
