@@ -21,6 +21,10 @@ from torch import Tensor
 
 AlphaLike = float | Tensor
 
+# Both implementations compute exp(x) as exp2(x·log2(e)): exp2 is the cheaper kernel in ATen
+# (about half the time of exp on AVX2) and in Inductor's generated code.
+LOG2_E = math.log2(math.e)
+
 
 def log_alpha_terms(alpha: AlphaLike) -> tuple[AlphaLike, AlphaLike]:
     """Return ``(log(alpha), log(1 - alpha))`` for a Python float or a tensor alpha."""
