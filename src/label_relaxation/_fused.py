@@ -29,10 +29,21 @@ from label_relaxation._closed_form import (
     relaxation_loss,
 )
 
-# 8 MiB of float32 per chunk: the chunk and its gradient rows together stay inside a 32 MiB L3
-# cache (the 2-core AMD EPYC this was tuned on), while chunks stay large enough that the
-# Python loop over them costs little next to the arithmetic.
+# CPU: 8 MiB of float32 per chunk: the chunk and its gradient rows together stay inside a
+# 32 MiB L3 cache (the 2-core AMD EPYC this was tuned on), while chunks stay large enough that
+# the Python loop over them costs little next to the arithmetic. Other devices get one chunk:
+# there each of the ~25 small operations per chunk is a kernel launch, and at 2^21 elements a
+# launch (microseconds) outweighs the chunk's own memory traffic.
 CHUNK_ELEMENTS = 1 << 21
+
+
+def chunk_rows(logits: Tensor) -> int:
+    """Rows per chunk of ``logits`` ``(N, C)``: cache-sized on the CPU, all rows elsewhere."""
+    rows, num_classes = logits.shape
+    if logits.device.type != "cpu":
+        return max(1, rows)
+    return max(1, CHUNK_ELEMENTS // num_classes)
+
 
 # The kernels compute exp(z - m) as 2^(z·log2(e) - m·log2(e)): ATen's vectorised exp2 takes
 # about half the time of its exp (75 vs 147 ms per GiB of float32 on the AVX2 machine these
@@ -151,7 +162,7 @@ def _clear_uncounted_nan_rows(grad: Tensor, rest: Tensor, row_weight: Tensor) ->
 def for_each_chunk(
     logits: Tensor, grad_out: Tensor | None, step: Callable[[slice, Tensor], None]
 ) -> None:
-    """Walk ``logits`` ``(N, C)`` in row chunks that stay in cache.
+    """Walk ``logits`` ``(N, C)`` in row chunks (``chunk_rows``: cache-sized on the CPU).
 
     ``step(rows, work)`` gets the chunk's row slice and a work buffer of the chunk's shape in
     the compute dtype: the chunk of ``grad_out`` itself when it has that dtype (possibly the
@@ -160,13 +171,13 @@ def for_each_chunk(
     """
     rows, num_classes = logits.shape
     dtype = compute_dtype(logits.dtype)
-    chunk_rows = max(1, CHUNK_ELEMENTS // num_classes)
+    step_rows = chunk_rows(logits)
     direct = grad_out is not None and grad_out.dtype == dtype
     scratch = None
     if not direct:
-        scratch = logits.new_empty((min(chunk_rows, rows), num_classes), dtype=dtype)
-    for start in range(0, rows, chunk_rows):
-        chunk = slice(start, min(start + chunk_rows, rows))
+        scratch = logits.new_empty((min(step_rows, rows), num_classes), dtype=dtype)
+    for start in range(0, rows, step_rows):
+        chunk = slice(start, min(start + step_rows, rows))
         if grad_out is not None and direct:
             work = grad_out[chunk]
         else:

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU table of issue 3 / docs/performance.md and the CUDA tests, as one run on a lent GPU
+# machine (the `device` tool): `bash bench/cuda.sh` from the repository root.
+#
+# Nothing can be installed there, so this uses that machine's own python3 and torch with the
+# package from src/ (PYTHONPATH), and states the torch version it ran with. Results go to
+# $OUT (the device tool's folder that comes back) or ./bench-cuda.
+set -uo pipefail
+out=${OUT:-bench-cuda}
+mkdir -p "$out"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+shapes=${BENCH_CUDA_SHAPES:-8192x32000,2048x128256}
+repeat=${BENCH_CUDA_REPEAT:-9}
+
+python3 - <<'PY' 2>&1 | tee "$out/machine.txt"
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+PY
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/tests.txt"
+for dtype in float32 bfloat16; do
+    python3 -m label_relaxation bench --device cuda --dtype "$dtype" --shapes "$shapes" \
+        --repeat "$repeat" --json "$out/bench-cuda-$dtype.json" 2>&1 | tee "$out/bench-$dtype.txt"
+done
