@@ -1,7 +1,7 @@
 """Pure-function formulation of the loss: differentiable by autograd to any order.
 
 This path is made only of out-of-place, shape-static tensor operations (``where``, ``amax``,
-``sum``, ``exp2``, ``log``). It is what ``torch.compile`` traces and Inductor fuses, what
+``sum``, ``exp``/``exp2``, ``log``). It is what ``torch.compile`` traces and Inductor fuses, what
 ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``, ``jacfwd``, ``hessian``) run, and the path
 for double backward. Its gradient is autograd's derivative of the closed form, which equals
 ``p - q`` (the projection is the minimiser, so its own derivative drops out).
@@ -21,6 +21,19 @@ from label_relaxation._closed_form import (
 )
 
 
+def _exp(shifted: Tensor) -> Tensor:
+    """``exp(shifted)``; under ``torch.compile`` as ``exp2(shifted·log2(e))``.
+
+    Inductor fuses the scaling into the loop that computes the exponential, and its exp2 is
+    cheaper than its exp (forward+backward 7% faster at 4096x32000); run eagerly, the scaling
+    would be one more full-size pass and buffer (18% slower). Scaling the already shifted
+    logits keeps the rounding at eps·|z - m|, as with exp.
+    """
+    if torch.compiler.is_compiling():
+        return torch.exp2(shifted * LOG2_E)
+    return shifted.exp()
+
+
 def reference_rows(logits: Tensor, target: Tensor, alpha: AlphaLike) -> Tensor:
     """Unweighted loss per position of ``logits`` ``(..., C)`` for safe indices ``target``.
 
@@ -34,9 +47,7 @@ def reference_rows(logits: Tensor, target: Tensor, alpha: AlphaLike) -> Tensor:
     shift = logits.detach().amax(-1, keepdim=True)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     shifted = logits - shift
-    # exp2 of the scaled difference: Inductor's exp2 is cheaper than its exp, and scaling the
-    # already shifted logits keeps the rounding at eps·|z - m|, as with exp.
-    exp_shifted = torch.exp2(shifted * LOG2_E)
+    exp_shifted = _exp(shifted)
     classes = torch.arange(num_classes, device=logits.device)
     is_target = classes == target.unsqueeze(-1)
     zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
