@@ -21,8 +21,9 @@ from torch import Tensor
 
 AlphaLike = float | Tensor
 
-# Both implementations compute exp(x) as exp2(x·log2(e)): exp2 is the cheaper kernel in ATen
-# (about half the time of exp on AVX2) and in Inductor's generated code.
+# The fused kernels, and the pure formulation under torch.compile, compute exp(x) as
+# exp2(x·log2(e)): exp2 is the cheaper kernel in ATen (about half the time of exp on AVX2) and
+# in Inductor's generated code.
 LOG2_E = math.log2(math.e)
 
 

@@ -59,8 +59,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def row_exponent_shift(logits: Tensor, dtype: torch.dtype) -> Tensor:
     """``-max(z)·log2(e)`` of every row of ``logits`` ``(R, C)``, as ``(R, 1)`` in ``dtype``.
 
-    Only the row maximum's role matters (no exponent above 0); the rounding of the product is
-    the same for the whole row, so it cancels in every ratio of masses.
+    The maximum keeps every exponent at or below 0 (no overflow); the rounding of the product
+    is the same for the whole row, so it cancels in every ratio of masses.
     """
     return logits.amax(-1, keepdim=True).to(dtype).mul_(-LOG2_E)
 
