@@ -341,18 +341,13 @@ def test_soft_module_alpha_schedule_compiles_once() -> None:
     compiled = torch.compile(criterion, fullgraph=True, backend=counter)
     logits = torch.randn(32, 9) * 2
     target = torch.softmax(torch.randn(32, 9) * 2, -1)
-    compiles_after_first_call = None
     for alpha in (0.1, 0.05, 0.2, 0.3, 0.01, 0.4):
         criterion.alpha = alpha
         expected = soft_label_relaxation_loss(logits, target, alpha)
         torch.testing.assert_close(compiled(logits, target), expected, rtol=1e-6, atol=1e-7)
-        if compiles_after_first_call is None:
-            compiles_after_first_call = counter.frame_count
-    # Dynamo restarts its analysis once inside the first compile of this graph (its pass that
-    # turns Python floats into tensors), which the counter sees as a second backend call; what
-    # matters is that no alpha after the first triggers a compile.
-    assert compiles_after_first_call is not None and compiles_after_first_call <= 2
-    assert counter.frame_count == compiles_after_first_call
+    # One backend call in all: no alpha recompiles, and the first compile is not restarted
+    # (a 0-d float64 input buffer would make Dynamo restart it, seen as a second call).
+    assert counter.frame_count == 1
 
 
 @pytest.mark.inductor

@@ -14,7 +14,12 @@ from label_relaxation.soft import mixup_label_relaxation_loss, soft_label_relaxa
 
 
 class _RelaxationModule(nn.Module):
-    """Shared state of the criteria: alpha in a float64 buffer, optional class weights."""
+    """Shared state of the criteria: alpha in a float64 buffer, optional class weights.
+
+    The buffer has shape ``(1,)`` and each call passes a 0-d view of it: a 0-d float64 tensor
+    as a compiled graph's input makes Dynamo (torch 2.15) create a float symbol for its value
+    and then restart its whole analysis once inside the first compile.
+    """
 
     alpha_buffer: Tensor
     weight: Tensor | None
@@ -31,9 +36,7 @@ class _RelaxationModule(nn.Module):
         self._alpha_value = float(alpha)
         # Not persistent: alpha is a hyperparameter, and a state_dict stays loadable into a
         # criterion built with another alpha (nn.CrossEntropyLoss has weight alone).
-        self.register_buffer(
-            "alpha_buffer", torch.tensor(self._alpha_value, dtype=torch.float64), persistent=False
-        )
+        self.register_buffer("alpha_buffer", self._new_alpha_buffer(None), persistent=False)
         self.register_buffer("weight", weight)
         self.reduction: Reduction = reduction
 
@@ -49,13 +52,20 @@ class _RelaxationModule(nn.Module):
         with torch.no_grad():
             self.alpha_buffer.fill_(self._alpha_value)
 
+    @property
+    def _alpha_scalar(self) -> Tensor:
+        """The 0-d view of the buffer that every call passes as alpha."""
+        return self.alpha_buffer[0]
+
+    def _new_alpha_buffer(self, device: torch.device | None) -> Tensor:
+        return torch.full((1,), self._alpha_value, dtype=torch.float64, device=device)
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> _RelaxationModule:
         # Module.half() and friends cast every floating buffer; alpha keeps float64 so that
         # 0.1 stays 0.1, and only follows device moves.
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
-        device = self.alpha_buffer.device
         if self.alpha_buffer.dtype != torch.float64:
-            self.alpha_buffer = torch.tensor(self._alpha_value, dtype=torch.float64, device=device)
+            self.alpha_buffer = self._new_alpha_buffer(self.alpha_buffer.device)
         return self
 
     def extra_repr(self) -> str:
@@ -67,8 +77,9 @@ class LabelRelaxationLoss(_RelaxationModule):
     """Criterion computing :func:`~label_relaxation.label_relaxation_loss`.
 
     A drop-in for ``nn.CrossEntropyLoss`` with the class dimension last. ``alpha`` lives in a
-    0-d float64 buffer: assigning ``criterion.alpha = value`` (a schedule) updates the buffer in
-    place, so a compiled model that calls the criterion never recompiles for a new alpha.
+    one-element float64 buffer: assigning ``criterion.alpha = value`` (a schedule) updates the
+    buffer in place, so a compiled model that calls the criterion never recompiles for a new
+    alpha.
     ``weight`` is a buffer too: it follows ``.to()`` and is part of the ``state_dict``.
 
     Args:
@@ -120,7 +131,7 @@ class LabelRelaxationLoss(_RelaxationModule):
         return label_relaxation_loss(
             input,
             target,
-            self.alpha_buffer,
+            self._alpha_scalar,
             weight=self.weight,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
@@ -170,7 +181,7 @@ class SoftLabelRelaxationLoss(_RelaxationModule):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """Compute the loss of logits ``input`` against target distributions ``target``."""
         return soft_label_relaxation_loss(
-            input, target, self.alpha_buffer, weight=self.weight, reduction=self.reduction
+            input, target, self._alpha_scalar, weight=self.weight, reduction=self.reduction
         )
 
 
@@ -213,7 +224,7 @@ class MixupLabelRelaxationLoss(_RelaxationModule):
             target_a,
             target_b,
             lam,
-            self.alpha_buffer,
+            self._alpha_scalar,
             weight=self.weight,
             reduction=self.reduction,
         )
