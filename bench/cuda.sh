@@ -4,20 +4,27 @@
 #
 # Nothing can be installed there, so this uses that machine's own python3 and torch with the
 # package from src/ (PYTHONPATH), and states the torch version it ran with. Results go to
-# $OUT (the device tool's folder that comes back) or ./bench-cuda.
+# $OUT (the device tool's folder that comes back) or ./bench-cuda. BENCH_DEVICE=cpu (with small
+# BENCH_CUDA_SHAPES) dry-runs the script on a machine without a GPU.
 set -uo pipefail
 out=${OUT:-bench-cuda}
-mkdir -p "$out"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+device=${BENCH_DEVICE:-cuda}
 shapes=${BENCH_CUDA_SHAPES:-8192x32000,2048x128256}
 repeat=${BENCH_CUDA_REPEAT:-9}
+mkdir -p "$out"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
 
-python3 - <<'PY' 2>&1 | tee "$out/machine.txt"
+python3 - "$device" <<'PY' 2>&1 | tee "$out/machine.txt" || exit 1
+import sys
 import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+device = sys.argv[1]
+if device == "cuda" and not torch.cuda.is_available():
+    sys.exit("bench/cuda.sh: no CUDA device is visible")
+name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+print("torch", torch.__version__, "cuda", torch.version.cuda, name)
 PY
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/tests.txt"
 for dtype in float32 bfloat16; do
-    python3 -m label_relaxation bench --device cuda --dtype "$dtype" --shapes "$shapes" \
-        --repeat "$repeat" --json "$out/bench-cuda-$dtype.json" 2>&1 | tee "$out/bench-$dtype.txt"
+    python3 -m label_relaxation bench --device "$device" --dtype "$dtype" --shapes "$shapes" \
+        --repeat "$repeat" --json "$out/bench-$device-$dtype.json" 2>&1 | tee "$out/bench-$dtype.txt"
 done
