@@ -167,3 +167,34 @@ def test_alpha_requiring_grad_gets_its_gradient() -> None:
     alpha = torch.full((6,), 0.2, dtype=torch.float64, requires_grad=True)
     label_relaxation_loss(logits, torch.randint(0, 4, (6,)), alpha).backward()
     assert alpha.grad is not None and bool((alpha.grad != 0).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_non_cpu_path_reads_no_values(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, inplace: bool
+) -> None:
+    """On devices other than the CPU the fused path must not read values back to the host.
+
+    Meta tensors stand in for a GPU here: they have no values, so any ``.item()``, ``bool()``
+    or data-dependent branch raises. Small device chunks exercise the chunk loop too.
+    """
+    from label_relaxation import _fused
+
+    monkeypatch.setattr(_fused, "DEVICE_CHUNK_ELEMENTS", 4 * 1000)
+    leaf = torch.randn(64, 1000, device="meta", dtype=dtype, requires_grad=True)
+    logits = leaf * 1.0
+    target = torch.randint(0, 1000, (64,), device="meta")
+    weight = torch.rand(1000, device="meta")
+    loss = label_relaxation_loss(
+        logits,
+        target,
+        torch.full((64,), 0.1, device="meta"),
+        weight=weight,
+        inplace=inplace,
+        implementation="fused",
+        validate=False,
+    )
+    loss.backward()
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert leaf.grad is not None and leaf.grad.shape == (64, 1000) and leaf.grad.dtype == dtype

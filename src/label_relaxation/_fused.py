@@ -31,18 +31,20 @@ from label_relaxation._closed_form import (
 
 # CPU: 8 MiB of float32 per chunk: the chunk and its gradient rows together stay inside a
 # 32 MiB L3 cache (the 2-core AMD EPYC this was tuned on), while chunks stay large enough that
-# the Python loop over them costs little next to the arithmetic. Other devices get one chunk:
-# there each of the ~25 small operations per chunk is a kernel launch, and at 2^21 elements a
-# launch (microseconds) outweighs the chunk's own memory traffic.
+# the Python loop over them costs little next to the arithmetic.
 CHUNK_ELEMENTS = 1 << 21
+# Other devices (not measured yet: no GPU was available): each of the ~25 small operations per
+# chunk is a kernel launch of a few microseconds, so chunks are large (256 MiB of float32, about
+# 0.1 ms of memory traffic per pass on a current datacenter GPU); the bound still caps the
+# float32 scratch buffer of half-precision logits at a fraction of a large batch's logits.
+DEVICE_CHUNK_ELEMENTS = 1 << 26
 
 
 def chunk_rows(logits: Tensor) -> int:
-    """Rows per chunk of ``logits`` ``(N, C)``: cache-sized on the CPU, all rows elsewhere."""
-    rows, num_classes = logits.shape
-    if logits.device.type != "cpu":
-        return max(1, rows)
-    return max(1, CHUNK_ELEMENTS // num_classes)
+    """Rows per chunk of ``logits`` ``(N, C)``: cache-sized on the CPU, large elsewhere."""
+    num_classes = logits.shape[-1]
+    elements = CHUNK_ELEMENTS if logits.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    return max(1, elements // num_classes)
 
 
 # The kernels compute exp(z - m) as 2^(z·log2(e) - m·log2(e)): ATen's vectorised exp2 takes
@@ -162,7 +164,7 @@ def _clear_uncounted_nan_rows(grad: Tensor, rest: Tensor, row_weight: Tensor) ->
 def for_each_chunk(
     logits: Tensor, grad_out: Tensor | None, step: Callable[[slice, Tensor], None]
 ) -> None:
-    """Walk ``logits`` ``(N, C)`` in row chunks (``chunk_rows``: cache-sized on the CPU).
+    """Walk ``logits`` ``(N, C)`` in row chunks (``chunk_rows``).
 
     ``step(rows, work)`` gets the chunk's row slice and a work buffer of the chunk's shape in
     the compute dtype: the chunk of ``grad_out`` itself when it has that dtype (possibly the
