@@ -25,8 +25,8 @@ def _exp(shifted: Tensor) -> Tensor:
     """``exp(shifted)``; under ``torch.compile`` as ``exp2(shifted·log2(e))``.
 
     Inductor fuses the scaling into the loop that computes the exponential, and its exp2 is
-    cheaper than its exp (forward+backward 7% faster at 4096x32000); run eagerly, the scaling
-    would be one more full-size pass and buffer (18% slower). Scaling the already shifted
+    cheaper than its exp (``bench/exp2_vs_exp.py``); run eagerly, the scaling would be one more
+    full-size pass and buffer, which costs more than exp2 saves. Scaling the already shifted
     logits keeps the rounding at eps·|z - m|, as with exp.
     """
     if torch.compiler.is_compiling():
