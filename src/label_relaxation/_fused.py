@@ -239,6 +239,25 @@ _SECOND_BACKWARD = (
 RowsKernel = Callable[[Tensor | None], Tensor]
 
 
+def needs_gradient(logits: Tensor) -> bool:
+    """Whether a call must build an autograd node for ``logits``."""
+    return logits.requires_grad and torch.is_grad_enabled()
+
+
+def apply_fused(logits: Tensor, kernel: RowsKernel, reduce: bool, inplace: bool) -> Tensor:
+    """The loss of a fused ``kernel`` over ``logits`` ``(N, C)``: summed, or per row.
+
+    Without a gradient to compute the kernel runs forward only (no gradient buffer, no node);
+    otherwise through :class:`FusedLoss`, which keeps the gradient written in the forward pass.
+    """
+    if not needs_gradient(logits):
+        loss_rows = kernel(None)
+        return loss_rows.sum() if reduce else loss_rows
+    loss: Tensor
+    loss, _ = FusedLoss.apply(logits, kernel, reduce, inplace)
+    return loss
+
+
 class FusedLoss(torch.autograd.Function):
     """Autograd node of the fused kernels: the forward pass stores the finished gradient.
 

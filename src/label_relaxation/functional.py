@@ -9,7 +9,7 @@ from torch import Tensor
 
 from label_relaxation import _validation as check
 from label_relaxation._closed_form import AlphaLike
-from label_relaxation._fused import FusedLoss, compute_dtype, fused_rows
+from label_relaxation._fused import apply_fused, compute_dtype, fused_rows, needs_gradient
 from label_relaxation._inplace import check_inplace_allowed
 from label_relaxation._reference import reference_rows
 from label_relaxation._validation import Reduction
@@ -235,18 +235,13 @@ def label_relaxation_loss(
     batch_shape = logits.shape[:-1]
     reduce = reduction != "none"
     if _use_fused(rows, weight, implementation):
-        needs_grad = rows.logits.requires_grad and torch.is_grad_enabled()
-        if not needs_grad:
-            loss_rows = fused_rows(rows.logits, rows.target, rows.alpha, rows.row_weight, None)
-            return loss_rows.sum() if reduce else loss_rows.reshape(batch_shape)
-        if inplace:
+        if inplace and needs_gradient(rows.logits):
             check_inplace_allowed(logits)
 
         def kernel(grad_out: Tensor | None) -> Tensor:
             return fused_rows(rows.logits, rows.target, rows.alpha, rows.row_weight, grad_out)
 
-        loss: Tensor
-        loss, _ = FusedLoss.apply(rows.logits, kernel, reduce, inplace)
+        loss = apply_fused(rows.logits, kernel, reduce, inplace)
         return loss if reduce else loss.reshape(batch_shape)
     counted = rows.row_weight != 0
     zero = torch.zeros((), dtype=rows.row_weight.dtype, device=rows.row_weight.device)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from label_relaxation import _validation as check
-from label_relaxation._fused import FusedLoss, compute_dtype
+from label_relaxation._fused import apply_fused, compute_dtype
 from label_relaxation._fused_mixup import fused_mixup_rows
 from label_relaxation._validation import Reduction
 from label_relaxation.functional import Implementation, check_implementation, is_transformed
@@ -343,10 +343,5 @@ def _fused_mixup(
     def kernel(grad_out: Tensor | None) -> Tensor:
         return fused_mixup_rows(rows, index_a, index_b, c_a, c_b, alpha, row_weight, grad_out)
 
-    if not (rows.requires_grad and torch.is_grad_enabled()):
-        loss_rows = kernel(None)
-    else:
-        loss: Tensor
-        loss, _ = FusedLoss.apply(rows, kernel, reduction != "none", False)
-        return loss if reduction != "none" else loss.reshape(batch_shape)
-    return loss_rows.sum() if reduction != "none" else loss_rows.reshape(batch_shape)
+    loss = apply_fused(rows, kernel, reduction != "none", inplace=False)
+    return loss if reduction != "none" else loss.reshape(batch_shape)
