@@ -98,6 +98,47 @@ def test_a_failing_variant_is_reported_and_the_run_goes_on() -> None:
     assert "failed: MemoryError: out of memory (simulated)" in benchmark.format_table(result)
 
 
+@pytest.mark.parametrize(("warm_memory", "calls_per_timing"), [(True, 2), (False, 1)])
+def test_each_timed_call_follows_an_untimed_one_unless_cold(
+    warm_memory: bool, calls_per_timing: int
+) -> None:
+    calls = []
+
+    def counted(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(torch.is_grad_enabled())
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    variant = benchmark.Variant("counted", "cross-entropy, counted", counted)
+    repeat = 3
+    result = benchmark.measure_shape(
+        (8, 5),
+        [variant],
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        repeat=repeat,
+        progress=lambda _: None,
+        warm_memory=warm_memory,
+    )
+    (measurement,) = result.measurements
+    assert len(measurement.forward_s) == len(measurement.train_s) == repeat
+    # warm-up: one forward, one forward+backward, one memory measurement
+    timed = calls[3:]
+    assert len(timed) == 2 * repeat * calls_per_timing
+    forward_calls = [not grad for grad in timed]
+    assert sum(forward_calls) == repeat * calls_per_timing
+
+
+def test_cold_memory_flag_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bench.json"
+    args = ["bench", "--shapes", "8x6", "--repeat", "1", "--modes", "ce,lr", "--json", str(path)]
+    assert main([*args, "--cold-memory"]) == 0
+    assert "--cold-memory" in capsys.readouterr().out
+    assert json.loads(path.read_text())["settings"]["warm_memory"] is False
+    assert main(args) == 0
+    assert "each timed call follows an untimed one" in capsys.readouterr().out
+    assert json.loads(path.read_text())["settings"]["warm_memory"] is True
+
+
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     path = tmp_path / "bench.png"

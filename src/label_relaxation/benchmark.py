@@ -10,6 +10,12 @@ Method (used by ``label-relaxation bench`` and described in the docs):
   forward+backward pass once (interleaved, so drifts in machine state hit all variants alike;
   the order rotates from round to round, so no variant always follows the same neighbour);
   the table reports medians;
+* on the CPU every timed call directly follows an untimed call of the same variant, as one
+  step of a training loop follows another (``--cold-memory`` leaves it out). Memory freed a
+  moment ago is cheap to reuse, but on virtual machines with free page reporting
+  (virtio-balloon) memory left free for about 2 s goes back to the host and costs ~1-2 s per
+  GiB at its next first touch instead of ~0.1 s; between interleaved rounds that would charge
+  each variant for how long the others ran (measured by ``bench/fresh_memory.py``);
 * on CUDA every timing is bracketed by ``torch.cuda.synchronize()``;
 * peak extra memory is the largest amount the variant holds above what existed before its
   call: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the running sum of the
@@ -220,8 +226,13 @@ def measure_shape(
     repeat: int,
     progress: Callable[[str], None],
     seed: int = 0,
+    warm_memory: bool = True,
 ) -> ShapeResult:
-    """Measure every variant at one shape: warm-up, interleaved timed rounds, memory."""
+    """Measure every variant at one shape: warm-up, interleaved timed rounds, memory.
+
+    ``warm_memory``: on the CPU, precede every timed call by an untimed one (module docstring).
+    """
+    warm_memory = warm_memory and device.type == "cpu"
     generator = torch.Generator(device="cpu").manual_seed(seed)
     base = (torch.randn(shape, generator=generator) * 2).to(device=device, dtype=dtype)
     target = torch.randint(0, shape[-1], shape[:-1], generator=generator).to(device)
@@ -254,6 +265,8 @@ def measure_shape(
                 if result.error is not None:
                     continue
                 try:
+                    if warm_memory:
+                        timer(variant, base, target)  # untimed: the loop's previous step
                     getattr(result, times).append(timer(variant, base, target))
                 except Exception as error:
                     result.error = _error_text(error)

@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--repeat", type=_repeat, default=5, help="timed rounds per variant (default 5)"
     )
+    bench.add_argument(
+        "--cold-memory",
+        action="store_true",
+        help="CPU: time calls without an untimed call of the same variant just before (by "
+        "default each timed call follows one, as in a training loop; see docs/performance.md)",
+    )
     bench.add_argument("--json", metavar="PATH", help="write machine, settings and raw timings")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
     _add_calibrate(commands)
@@ -239,6 +245,14 @@ def _device(name: str, parser: argparse.ArgumentParser) -> torch.device:
     return torch.device(name)
 
 
+def _memory_note(args: argparse.Namespace, device: torch.device) -> str:
+    if device.type != "cpu":
+        return ""
+    if args.cold_memory:
+        return "; --cold-memory"
+    return "; each timed call follows an untimed one"
+
+
 def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run the benchmark described by parsed ``args``; print the tables."""
     device = _device(args.device, parser)
@@ -259,7 +273,13 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         progress(f"shape {'x'.join(map(str, shape))} {args.dtype} on {device}:")
         results.append(
             benchmark.measure_shape(
-                shape, variants, dtype=dtype, device=device, repeat=args.repeat, progress=progress
+                shape,
+                variants,
+                dtype=dtype,
+                device=device,
+                repeat=args.repeat,
+                progress=progress,
+                warm_memory=not args.cold_memory,
             )
         )
     print(
@@ -270,7 +290,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(
         f"THP_MEM_ALLOC_ENABLE={info['THP_MEM_ALLOC_ENABLE']}, "
         f"transparent_hugepage: {info['transparent_hugepage']}; alpha={args.alpha}; "
-        f"medians of {args.repeat} interleaved rounds"
+        f"medians of {args.repeat} interleaved rounds{_memory_note(args, device)}"
     )
     for result in results:
         print()
@@ -281,7 +301,8 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "alpha": args.alpha,
         "modes": args.modes,
         "repeat": args.repeat,
-        "command": " ".join(sys.argv),
+        "warm_memory": not args.cold_memory and device.type == "cpu",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     if args.json:
         with open(args.json, "w") as handle:
