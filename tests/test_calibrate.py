@@ -68,3 +68,14 @@ def test_missing_dataset_name_is_a_usage_error(capsys: pytest.CaptureFixture[str
         main(["calibrate", "--datasets", "cifar10"])
     assert exit_info.value.code == 2
     assert "datasets must be a comma-separated subset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "value"), [("--epochs", "0"), ("--hidden", "-3")])
+def test_non_positive_sizes_are_usage_errors_naming_the_option(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", option, value])
+    assert exit_info.value.code == 2
+    name = option.removeprefix("--")
+    assert f"{name} must be a positive integer, got '{value}'" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +56,19 @@ def _alpha(text: str) -> float:
     return value
 
 
-def _repeat(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"repeat must be a positive integer, got {text!r}")
-    return value
+def _positive_int(name: str) -> Callable[[str], int]:
+    """An argparse type for a positive integer option; errors name the option."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated variants (default: all of {DEFAULT_MODES})",
     )
     bench.add_argument(
-        "--repeat", type=_repeat, default=5, help="timed rounds per variant (default 5)"
+        "--repeat",
+        type=_positive_int("repeat"),
+        default=5,
+        help="timed rounds per variant (default 5)",
     )
     bench.add_argument(
         "--cold-memory",
@@ -146,10 +154,6 @@ def _datasets(text: str) -> list[str]:
     return names
 
 
-def _positive(text: str) -> int:
-    return _repeat(text.replace("repeat", ""))
-
-
 def _add_calibrate(commands: Any) -> None:
     calibrate = commands.add_parser(
         "calibrate",
@@ -173,8 +177,12 @@ def _add_calibrate(commands: Any) -> None:
     calibrate.add_argument("--datasets", type=_datasets, help="override the preset's datasets")
     calibrate.add_argument("--seeds", type=_seeds, help="override the seeds (0,1,2 or 0-9)")
     calibrate.add_argument("--alphas", type=_alphas, help="override the alpha grid (0.05,0.1)")
-    calibrate.add_argument("--epochs", type=_positive, help="override the number of epochs")
-    calibrate.add_argument("--hidden", type=_positive, help="override the hidden width")
+    calibrate.add_argument(
+        "--epochs", type=_positive_int("epochs"), help="override the number of epochs"
+    )
+    calibrate.add_argument(
+        "--hidden", type=_positive_int("hidden"), help="override the hidden width"
+    )
     calibrate.add_argument(
         "--select",
         choices=("accuracy", "ece"),

@@ -267,9 +267,6 @@ def mixup_label_relaxation_loss(
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be a number or tensor in [0, 1], got {lam!r}")
         lam_t = torch.tensor(float(lam), dtype=dtype, device=logits.device)
-    bad_index = ((target_a < 0) | (target_a >= num_classes)) | (
-        (target_b < 0) | (target_b >= num_classes)
-    )
     if _use_fused_mixup(logits, alpha, lam, weight, implementation, eager_checks):
         lam_rows = lam_t.squeeze(-1) if lam_t.dim() > 0 else lam_t
         return _fused_mixup(
@@ -279,6 +276,9 @@ def mixup_label_relaxation_loss(
     safe_a = target_a.clamp(0, num_classes - 1).unsqueeze(-1)
     safe_b = target_b.clamp(0, num_classes - 1).unsqueeze(-1)
     mixed = lam_t * (classes == safe_a).to(dtype) + (1 - lam_t) * (classes == safe_b).to(dtype)
+    bad_index = ((target_a < 0) | (target_a >= num_classes)) | (
+        (target_b < 0) | (target_b >= num_classes)
+    )
     # Out-of-range indices (unchecked modes) become a non-distribution row, hence NaN.
     mixed = torch.where(bad_index.unsqueeze(-1), torch.full_like(mixed, -1.0), mixed)
     return soft_label_relaxation_loss(
@@ -330,8 +330,9 @@ def _fused_mixup(
     if isinstance(alpha, Tensor):
         alpha = alpha.to(dtype).expand(batch_shape).reshape(-1)
     relaxed = 1 - alpha
-    c_a = torch.where(same, relaxed * torch.ones_like(lam_rows), relaxed * lam_rows)
-    c_b = torch.where(same, torch.zeros_like(lam_rows), relaxed * (1 - lam_rows))
+    # a == b is a one-hot target: all of 1 - alpha on a, no bound for b.
+    c_a = relaxed * torch.where(same, 1.0, lam_rows)
+    c_b = relaxed * torch.where(same, 0.0, 1 - lam_rows)
     if weight is None:
         row_weight = torch.ones_like(lam_rows)
     else:
