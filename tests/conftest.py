@@ -13,12 +13,21 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-IMPLEMENTATIONS = ("fused", "reference")
+IMPLEMENTATIONS = ("fused", "fused-chunked", "reference")
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
-def implementation(request: pytest.FixtureRequest) -> str:
-    """Every core test runs on both implementations."""
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every core test runs on each kernel.
+
+    The fused path's small-input kernel (what small shapes get), its chunked kernel (forced for
+    small shapes too), and the pure formulation.
+    """
+    if request.param == "fused-chunked":
+        from label_relaxation import _small
+
+        monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
+        return "fused"
     return str(request.param)
 
 

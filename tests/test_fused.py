@@ -20,11 +20,21 @@ def model_logits(
 def parameter_grads(
     inplace: bool, reduction: str = "mean", scale: float = 1.0
 ) -> list[torch.Tensor]:
+    """In-place mode runs the chunked kernel; the comparison forces it for both calls."""
+    from label_relaxation import _small
+
     torch.manual_seed(3)
     linear, x, target = model_logits()
-    loss = label_relaxation_loss(
-        linear(x) * 2.0, target, 0.1, reduction=reduction, inplace=inplace, implementation="fused"
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_small, "SMALL_ELEMENTS", 0)
+        loss = label_relaxation_loss(
+            linear(x) * 2.0,
+            target,
+            0.1,
+            reduction=reduction,
+            inplace=inplace,
+            implementation="fused",
+        )
     (loss.sum() * scale).backward()
     return [p.grad.clone() for p in linear.parameters() if p.grad is not None]
 
@@ -38,7 +48,10 @@ def test_inplace_gives_the_same_parameter_gradients(reduction: str, scale: float
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
-def test_inplace_writes_the_gradient_into_the_logits() -> None:
+def test_inplace_writes_the_gradient_into_the_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from label_relaxation import _small
+
+    monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)  # in-place runs the chunked kernel
     linear, x, target = model_logits()
     logits = linear(x)
     original = logits.detach().clone()

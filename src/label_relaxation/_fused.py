@@ -126,7 +126,8 @@ def _write_gradient(
     """
     total = stats.rest + stats.target
     r = stats.rest / total
-    active = r > alpha
+    # Not `r > alpha`: that is False for NaN, and NaN logits must give NaN, as in cross-entropy.
+    active = ~(r <= alpha)
     # Off-target entries: p_k·(1 - alpha/r) with p_k = p'_k/total. Target entry:
     # p_y - (1 - alpha) = alpha - r. Both vanish inside the credal set. The weight
     # multiplies last: 0 (ignored) gives exact zeros, NaN (an unchecked bad target) NaN.
@@ -141,7 +142,8 @@ def _loss_from_statistics(stats: _RowStatistics, alpha: AlphaLike, row_weight: T
     """
     total = stats.rest + stats.target
     r = stats.rest / total
-    active = r > alpha
+    # Not `r > alpha`: that is False for NaN, and NaN logits must give NaN, as in cross-entropy.
+    active = ~(r <= alpha)
     log_total = total.log_()
     # Inactive rows (log r unused) take 0, so that log(0) never meets the arithmetic below.
     log_r = torch.where(active, stats.rest.log().sub_(log_total), 0.0)
@@ -153,9 +155,14 @@ def _loss_from_statistics(stats: _RowStatistics, alpha: AlphaLike, row_weight: T
     return loss.masked_fill_(row_weight == 0, 0.0)
 
 
-def _clear_uncounted_nan_rows(grad: Tensor, rest: Tensor, row_weight: Tensor) -> None:
-    """Zero the gradient of ignored rows whose logits were garbage (only ``-inf``, NaN)."""
-    garbage = torch.isnan(rest) & (row_weight == 0)
+def _clear_uncounted_garbage_rows(grad: Tensor, stats: _RowStatistics, row_weight: Tensor) -> None:
+    """Zero the gradient of ignored rows whose logits were garbage.
+
+    Garbage: only ``-inf``, NaN, or magnitudes whose scaling by ``log2(e)`` overflows, that is
+    rows without a finite, positive mass.
+    """
+    total = stats.rest + stats.target
+    garbage = ~(torch.isfinite(total) & (total > 0)) & (row_weight == 0)
     if grad.device.type != "cpu" or bool(garbage.any()):
         # Reading the flag is free on the CPU; elsewhere one pass beats a device sync.
         grad.masked_fill_(garbage, 0.0)
@@ -218,7 +225,7 @@ def fused_rows(
 
     for_each_chunk(logits, grad_out, step)
     if grad_out is not None:
-        _clear_uncounted_nan_rows(grad_out, stats.rest, row_weight)
+        _clear_uncounted_garbage_rows(grad_out, stats, row_weight)
     return _loss_from_statistics(stats, column_alpha, row_weight).squeeze(-1)
 
 
@@ -253,8 +260,7 @@ def apply_fused(logits: Tensor, kernel: RowsKernel, reduce: bool, inplace: bool)
     if not needs_gradient(logits):
         loss_rows = kernel(None)
         return loss_rows.sum() if reduce else loss_rows
-    loss: Tensor
-    loss, _ = FusedLoss.apply(logits, kernel, reduce, inplace)
+    loss: Tensor = FusedLoss.apply(logits, kernel, reduce, inplace)
     return loss
 
 
@@ -263,33 +269,26 @@ class FusedLoss(torch.autograd.Function):
 
     ``kernel(grad_out)`` returns the weighted loss rows and writes their gradient with respect
     to ``logits`` into ``grad_out`` (a fresh buffer, or ``logits`` itself in in-place mode).
+    The node runs in plain eager mode only, so it uses the ``forward(ctx, ...)`` form: with a
+    separate ``setup_context`` (needed only by ``torch.func``) each call cost about 30 µs more
+    (torch 2.15, ``bench/profile_small.py``), more than the whole kernel of a small batch.
     """
 
     @staticmethod
     def forward(
-        logits: Tensor, kernel: RowsKernel, reduce: bool, inplace: bool
-    ) -> tuple[Tensor, Tensor]:
-        """Return ``(loss, grad)``; ``loss`` is the sum of weighted rows when ``reduce``."""
+        ctx: Any, logits: Tensor, kernel: RowsKernel, reduce: bool, inplace: bool
+    ) -> Tensor:
+        """Return the loss, the sum of weighted rows when ``reduce``; keep the gradient."""
         grad = logits if inplace else torch.empty_like(logits)
         loss_rows = kernel(grad)
-        loss = loss_rows.sum() if reduce else loss_rows
-        # In in-place mode the gradient is the logits' own storage, which setup_context takes
-        # from the inputs; an empty placeholder keeps the output structure fixed.
-        return loss, (logits.new_empty(0) if inplace else grad)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        """Save the gradient buffer; autograd frees it with the graph, as any saved tensor."""
-        logits, _, _, inplace = inputs
-        ctx.save_for_backward(logits if inplace else output[1])
-        ctx.mark_non_differentiable(output[1])
+        # Autograd frees the saved gradient with the graph, as any saved tensor.
+        ctx.save_for_backward(grad)
         ctx.set_materialize_grads(False)
         ctx.scaled_in_place = False
+        return loss_rows.sum() if reduce else loss_rows
 
     @staticmethod
-    def backward(
-        ctx: Any, grad_loss: Tensor | None, _unused: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_loss: Tensor | None) -> tuple[Tensor | None, ...]:
         """Scale the stored gradient by ``grad_loss``, handing the buffer over where possible."""
         none = (None, None, None)
         if grad_loss is None:

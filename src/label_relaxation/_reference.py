@@ -58,7 +58,8 @@ def reference_rows(logits: Tensor, target: Tensor, alpha: AlphaLike) -> Tensor:
     s_total = s_rest + target_shifted.exp()
 
     r = s_rest / s_total
-    active = r > alpha
+    # Not `r > alpha`: that is False for NaN, and NaN logits must give NaN, as in cross-entropy.
+    active = ~(r <= alpha)
     # Inactive rows (inside the credal set, including r == 0) take a neutral s_rest so that
     # log(0) never reaches the unselected branch of the final where().
     s_rest_safe = torch.where(active, s_rest, s_total)

@@ -128,9 +128,24 @@ def check_target_kind(target: object, logits: Tensor) -> bool:
     if tuple(target.shape) != batch_shape:
         raise ValueError(
             f"target of class indices must have shape logits.shape[:-1] = {batch_shape}, "
-            f"got shape {tuple(target.shape)}"
+            f"got shape {tuple(target.shape)}{_class_dim_hint(logits.shape, target.shape)}"
         )
     return True
+
+
+def _class_dim_hint(logits_shape: torch.Size, target_shape: torch.Size) -> str:
+    """A hint when the shapes fit ``nn.CrossEntropyLoss``'s layout, classes in dimension 1.
+
+    Logits ``(N, C, d1, ...)`` with target ``(N, d1, ...)`` (segmentation, say) are the usual
+    mistake of code written for cross-entropy.
+    """
+    if len(logits_shape) < 3 or tuple(target_shape) != (logits_shape[0], *logits_shape[2:]):
+        return ""
+    return (
+        f". The shapes fit nn.CrossEntropyLoss's layout (N, C, d1, ...) with C = "
+        f"{logits_shape[1]} in dimension 1; this loss takes the class dimension last: pass "
+        f"logits.movedim(1, -1)"
+    )
 
 
 def check_index_values(
@@ -163,4 +178,41 @@ def check_one_hot_values(target: Tensor, index: Tensor) -> None:
         raise ValueError(
             "a floating target must be exactly one-hot (one entry 1, all others 0); for soft, "
             "label-smoothed or mixup targets use label_relaxation.soft_label_relaxation_loss"
+        )
+
+
+def check_lam_values(lam: Tensor) -> None:
+    """Eager-only: raise ``ValueError`` unless every value of the mixup weight lies in [0, 1]."""
+    inside = (lam >= 0) & (lam <= 1)
+    if not bool(inside.all()):
+        bad = lam[~inside].flatten()[0].item()
+        raise ValueError(f"lam must lie in [0, 1], got a value of {bad!r}")
+
+
+def soft_target_tolerance(dtype: torch.dtype) -> float:
+    """How far a soft target row's sum may be from 1.
+
+    1e-5 admits float32-normalised targets cast to float64; half-precision targets get four
+    ulp of their dtype (3.9e-3 for float16, 3.1e-2 for bfloat16).
+    """
+    return max(1e-5, 4 * float(torch.finfo(dtype).eps))
+
+
+def soft_target_invalid_rows(target: Tensor) -> Tensor:
+    """Boolean ``target.shape[:-1]``: rows that are not probability distributions."""
+    tolerance = soft_target_tolerance(target.dtype)
+    sums = target.sum(-1, dtype=torch.float64)
+    return ((target < 0).any(-1)) | ((sums - 1).abs() > tolerance) | target.isnan().any(-1)
+
+
+def check_soft_target_values(target: Tensor, invalid: Tensor | None = None) -> None:
+    """Eager-only: raise ``ValueError`` unless every row of ``target`` is a distribution."""
+    if invalid is None:
+        invalid = soft_target_invalid_rows(target)
+    if bool(invalid.any()):
+        row = target[invalid][0]
+        raise ValueError(
+            "target rows must be probability distributions: entries >= 0 that sum to 1 "
+            f"(within {soft_target_tolerance(target.dtype):.1e}); got a row with minimum "
+            f"{row.min().item():.6g} and sum {row.sum().item():.6g}"
         )

@@ -25,14 +25,17 @@ Method (used by ``label-relaxation bench`` and described in the docs):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
 import platform
+import re
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -185,6 +188,36 @@ def _time_train(variant: Variant, base: Tensor, target: Tensor) -> float:
     return elapsed
 
 
+# What the profiler's C++ side (kineto) prints on a machine without a GPU, straight to file
+# descriptor 2: "USDT:... profiler_start/profiler_stop" and "ERROR:... gpuGetDeviceCount failed".
+_PROFILER_NOISE = re.compile(r"^(USDT:.*profiler_(start|stop)|ERROR:.*gpuGetDeviceCount failed)")
+
+
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Drop exactly the profiler's start/stop and GPU-probe lines from stderr; keep the rest.
+
+    They come from C++ on file descriptor 2, so ``sys.stderr`` cannot filter them: the
+    descriptor is pointed at a temporary file for the duration, and every other line is
+    written back afterwards.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace")
+            kept = [line for line in text.splitlines(True) if not _PROFILER_NOISE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+
+
 def _peak_extra_bytes(variant: Variant, base: Tensor, target: Tensor) -> int | None:
     """Largest allocation above the starting point during one forward+backward."""
     leaf = base.detach().requires_grad_()
@@ -196,7 +229,7 @@ def _peak_extra_bytes(variant: Variant, base: Tensor, target: Tensor) -> int | N
         variant.loss(logits, target).backward()  # type: ignore[no-untyped-call]
         torch.cuda.synchronize(base.device)
         return int(torch.cuda.max_memory_allocated(base.device) - before)
-    with torch.profiler.profile(
+    with quiet_profiler(), torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as profiler:
         variant.loss(logits, target).backward()  # type: ignore[no-untyped-call]

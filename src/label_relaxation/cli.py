@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -322,11 +323,28 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _drop_no_cuda_runtime(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def _silence_cpu_only_warnings() -> None:
+    """Drop the one warning a CPU-only machine gets when Inductor first compiles.
+
+    ``torch.utils.cpp_extension`` logs "No CUDA runtime is found, using CUDA_HOME=..." when a
+    CUDA build of torch finds a CUDA toolkit folder but no GPU; it says nothing about the
+    benchmark. Other warnings stay.
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if _drop_no_cuda_runtime not in logger.filters:
+        logger.addFilter(_drop_no_cuda_runtime)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``label-relaxation`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
+        _silence_cpu_only_warnings()
         return run_bench(args, parser)
     if args.command == "calibrate":
         return run_calibrate(args, parser)

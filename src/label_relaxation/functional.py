@@ -7,11 +7,14 @@ from typing import Literal, NamedTuple, TypeAlias
 import torch
 from torch import Tensor
 
+from label_relaxation import _small
 from label_relaxation import _validation as check
 from label_relaxation._closed_form import AlphaLike
 from label_relaxation._fused import apply_fused, compute_dtype, fused_rows, needs_gradient
+from label_relaxation._graph_checks import raise_if_invalid
 from label_relaxation._inplace import check_inplace_allowed
 from label_relaxation._reference import reference_rows
+from label_relaxation._small import RowWeight, small_rows
 from label_relaxation._validation import Reduction
 
 Implementation: TypeAlias = Literal["auto", "fused", "reference"]
@@ -72,6 +75,7 @@ def _prepare(
     batch_shape = logits.shape[:-1]
     dtype = compute_dtype(logits.dtype)
     eager_checks = validate and check.value_checks_allowed()
+    alpha_input = alpha
     if isinstance(alpha, Tensor):
         check.check_alpha_tensor(alpha, batch_shape)
         if eager_checks:
@@ -99,8 +103,11 @@ def _prepare(
         # Where values could not be checked in Python, a bad position poisons the result with
         # NaN instead of giving a silently wrong number; under torch.compile it also raises.
         if validate and torch.compiler.is_compiling() and not check.functorch_active():
-            torch._assert_async(
-                ~invalid.any(),
+            invalid = raise_if_invalid(
+                invalid,
+                _graph_checks(target, alpha_input),
+                num_classes,
+                ignore_index,
                 "label_relaxation_loss: target holds an out-of-range class index, a floating "
                 "target that is not exactly one-hot, or alpha outside (0, 1)",
             )
@@ -117,6 +124,13 @@ def _prepare(
             denominator = torch.where(total != 0, total, torch.ones_like(total))
         row_weight = row_weight / denominator
     return _Rows(logits.reshape(-1, num_classes), index.reshape(-1), alpha, row_weight.reshape(-1))
+
+
+def _graph_checks(target: Tensor, alpha: AlphaLike) -> list[tuple[str, Tensor]]:
+    """The eager checks that explain a bad position, in the order eager mode runs them."""
+    checks = [("alpha", alpha)] if isinstance(alpha, Tensor) else []
+    checks.append(("one_hot" if target.is_floating_point() else "target", target))
+    return checks
 
 
 def _is_dual(tensor: Tensor) -> bool:
@@ -152,6 +166,124 @@ def _use_fused(rows: _Rows, weight: Tensor | None, implementation: str) -> bool:
             "torch.func transforms or forward-mode AD use implementation='auto' or 'reference'"
         )
     return not transformed and not needs_other_grad
+
+
+def _small_alpha(alpha: AlphaLike, validate: bool) -> float | None:
+    """Alpha as a Python float for the small-input kernel, or ``None`` where it cannot serve.
+
+    A float, or a 0-d CPU tensor without grad (a module's buffer: reading it is free).
+    """
+    if not isinstance(alpha, Tensor):
+        check.check_alpha_float(alpha)
+        return float(alpha)
+    if alpha.dim() != 0 or alpha.device.type != "cpu" or alpha.requires_grad:
+        return None
+    check.check_alpha_tensor(alpha, torch.Size())
+    value = float(alpha)
+    if 0.0 < value < 1.0:
+        return value
+    if validate:
+        check.check_alpha_values(alpha)
+    return None  # unchecked: the general path turns it into NaN
+
+
+def _small_index(
+    target: Tensor, num_classes: int, ignore_index: int, validate: bool
+) -> tuple[Tensor, Tensor | None] | None:
+    """``(index, counted)`` of class-index targets, ``(N, 1)`` each, read and checked at once.
+
+    One ``aminmax`` decides the common case (every index in range and ``ignore_index`` outside
+    the range of values: ``counted`` is ``None``); only other batches look further.
+    ``None`` where an unchecked bad index must become NaN on the general path.
+    """
+    index = target.reshape(-1, 1)
+    low, high = (int(bound) for bound in torch.aminmax(index))
+    if low >= 0 and high < num_classes and not low <= ignore_index <= high:
+        return index.long(), None
+    counted = index != ignore_index
+    if not bool((counted <= ((index >= 0) & (index < num_classes))).all()):
+        if validate:
+            check.check_index_values(target, num_classes, ignore_index)
+        return None
+    return torch.where(counted, index, 0).long(), counted
+
+
+def _small_row_weight(
+    weight: Tensor | None,
+    counted: Tensor | None,
+    index: Tensor,
+    dtype: torch.dtype,
+    reduction: str,
+) -> tuple[RowWeight, Tensor | None]:
+    """``(row_weight, ignored)`` for the small-input kernel.
+
+    Without class weights and ignored rows every row shares one Python float (``1/N`` for the
+    mean), which the kernel folds into its constants; otherwise ``(N, 1)`` weights divided by
+    their sum for the mean, as ``nn.CrossEntropyLoss`` does (an all-ignored batch gives 0), and
+    the rows of weight 0, which the kernel zeroes whatever their logits hold.
+    """
+    compute = compute_dtype(dtype)
+    if weight is None:
+        if counted is None:
+            return (1.0 / index.shape[0] if reduction == "mean" else 1.0), None
+        row_weight = counted.to(compute)
+    else:
+        row_weight = weight.to(compute)[index]
+        if counted is not None:
+            row_weight = torch.where(counted, row_weight, 0.0)
+    if reduction == "mean":
+        total = float(row_weight.sum())
+        if total != 0:
+            row_weight = row_weight / total
+    return row_weight, row_weight == 0
+
+
+def _small_call(
+    logits: Tensor,
+    target: Tensor,
+    alpha: AlphaLike,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    validate: bool,
+) -> Tensor | None:
+    """The loss through the small-input kernel, or ``None`` where the general path must run.
+
+    Arguments were checked for type and shape; this covers eager CPU calls with class-index
+    targets, a scalar alpha and at most ``_small.SMALL_ELEMENTS`` logits.
+    """
+    num_classes = logits.shape[-1]
+    small_alpha = _small_alpha(alpha, validate)
+    indices = (
+        None if small_alpha is None else _small_index(target, num_classes, ignore_index, validate)
+    )
+    if small_alpha is None or indices is None:
+        return None
+    index, counted = indices
+    rows = logits.reshape(-1, num_classes)
+    row_weight, ignored = _small_row_weight(weight, counted, index, logits.dtype, reduction)
+
+    def kernel(grad_out: Tensor | None) -> Tensor:
+        return small_rows(rows, index, small_alpha, row_weight, ignored, grad_out).squeeze(-1)
+
+    reduce = reduction != "none"
+    loss = apply_fused(rows, kernel, reduce, inplace=False)
+    return loss if reduce else loss.reshape(logits.shape[:-1])
+
+
+def _small_applies(
+    logits: Tensor, target: Tensor, weight: Tensor | None, inplace: bool, implementation: str
+) -> bool:
+    """Whether a call may take the small-input kernel (decided on metadata only)."""
+    return (
+        implementation != "reference"
+        and not inplace
+        and 0 < logits.numel() <= _small.SMALL_ELEMENTS
+        and logits.device.type == "cpu"
+        and not target.is_floating_point()
+        and (weight is None or not weight.requires_grad)
+        and not is_transformed(logits)
+    )
 
 
 def label_relaxation_loss(
@@ -231,6 +363,15 @@ def label_relaxation_loss(
         tensor([0., 0., 0.])
     """
     check_implementation(implementation)
+    num_classes = check.check_logits(logits)
+    check.check_reduction(reduction)
+    check.check_weight(weight, num_classes)
+    if check.check_target_kind(target, logits) and _small_applies(
+        logits, target, weight, inplace, implementation
+    ):
+        loss = _small_call(logits, target, alpha, weight, ignore_index, reduction, validate)
+        if loss is not None:
+            return loss
     rows = _prepare(logits, target, alpha, weight, ignore_index, reduction, validate)
     batch_shape = logits.shape[:-1]
     reduce = reduction != "none"

@@ -26,20 +26,13 @@ from torch import Tensor
 from label_relaxation import _validation as check
 from label_relaxation._fused import apply_fused, compute_dtype
 from label_relaxation._fused_mixup import fused_mixup_rows
+from label_relaxation._graph_checks import raise_if_invalid
 from label_relaxation._validation import Reduction
 from label_relaxation.functional import Implementation, check_implementation, is_transformed
 
 
-def _target_tolerance(dtype: torch.dtype) -> float:
-    """How far a target row's sum may be from 1.
-
-    1e-5 admits float32-normalised targets cast to float64; half-precision targets get four
-    ulp of their dtype (3.9e-3 for float16, 3.1e-2 for bfloat16).
-    """
-    return max(1e-5, 4 * float(torch.finfo(dtype).eps))
-
-
 def _check_soft_target(target: object, logits: Tensor, validate: bool) -> Tensor:
+    """Check type and shape; raise for bad rows in eager mode; return the bad-row mask."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if not target.is_floating_point():
@@ -51,22 +44,10 @@ def _check_soft_target(target: object, logits: Tensor, validate: bool) -> Tensor
             f"target must have the logits' shape {tuple(logits.shape)}, "
             f"got shape {tuple(target.shape)}"
         )
-    invalid = _invalid_rows(target)
-    if validate and check.value_checks_allowed() and bool(invalid.any()):
-        tolerance = _target_tolerance(target.dtype)
-        raise ValueError(
-            "target rows must be probability distributions: entries >= 0 that sum to 1 "
-            f"(within {tolerance:.1e}); got a row with minimum "
-            f"{target[invalid][0].min().item():.6g} and sum "
-            f"{target[invalid][0].sum().item():.6g}"
-        )
+    invalid = check.soft_target_invalid_rows(target)
+    if validate and check.value_checks_allowed():
+        check.check_soft_target_values(target, invalid)
     return invalid
-
-
-def _invalid_rows(target: Tensor) -> Tensor:
-    tolerance = _target_tolerance(target.dtype)
-    sums = target.sum(-1, dtype=torch.float64)
-    return ((target < 0).any(-1)) | ((sums - 1).abs() > tolerance) | target.isnan().any(-1)
 
 
 def soft_relaxation_rows(logits: Tensor, target: Tensor, alpha: float | Tensor) -> Tensor:
@@ -170,8 +151,14 @@ def soft_label_relaxation_loss(
         check.check_alpha_float(alpha)
         alpha = float(alpha)
     if validate and torch.compiler.is_compiling() and not check.functorch_active():
-        torch._assert_async(
-            ~invalid.any(),
+        checks = [("soft_target", target)]
+        if isinstance(alpha, Tensor):
+            checks.append(("alpha", alpha))
+        invalid = raise_if_invalid(
+            invalid,
+            checks,
+            num_classes,
+            None,
             "soft_label_relaxation_loss: a target row is not a probability distribution, or "
             "alpha lies outside (0, 1)",
         )
@@ -260,8 +247,8 @@ def mixup_label_relaxation_loss(
     dtype = compute_dtype(logits.dtype)
     if isinstance(lam, Tensor):
         check.check_alpha_tensor(lam, batch_shape, name="lam")
-        if eager_checks and not bool(((lam >= 0) & (lam <= 1)).all()):
-            raise ValueError("lam must lie in [0, 1], got a value outside it")
+        if eager_checks:
+            check.check_lam_values(lam)
         lam_t = lam.to(dtype).expand(batch_shape).unsqueeze(-1)
     else:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
@@ -279,10 +266,47 @@ def mixup_label_relaxation_loss(
     bad_index = ((target_a < 0) | (target_a >= num_classes)) | (
         (target_b < 0) | (target_b >= num_classes)
     )
+    checked_here = validate and torch.compiler.is_compiling() and not check.functorch_active()
+    if checked_here:
+        bad_index = _raise_if_bad_mixup(bad_index, target_a, target_b, lam, alpha, num_classes)
     # Out-of-range indices (unchecked modes) become a non-distribution row, hence NaN.
     mixed = torch.where(bad_index.unsqueeze(-1), torch.full_like(mixed, -1.0), mixed)
+    # Checked above under torch.compile, with the arguments' own names; the soft loss still
+    # turns the rows flagged there into NaN.
     return soft_label_relaxation_loss(
-        logits, mixed, alpha, weight=weight, reduction=reduction, validate=validate
+        logits,
+        mixed,
+        alpha,
+        weight=weight,
+        reduction=reduction,
+        validate=validate and not checked_here,
+    )
+
+
+def _raise_if_bad_mixup(
+    bad_index: Tensor,
+    target_a: Tensor,
+    target_b: Tensor,
+    lam: float | Tensor,
+    alpha: float | Tensor,
+    num_classes: int,
+) -> Tensor:
+    """Under torch.compile: raise as eager mode would for bad mixup arguments."""
+    invalid = bad_index
+    checks: list[tuple[str, Tensor]] = [("target_a", target_a), ("target_b", target_b)]
+    if isinstance(lam, Tensor):
+        invalid = invalid | ~((lam >= 0) & (lam <= 1))
+        checks.append(("lam", lam))
+    if isinstance(alpha, Tensor):
+        invalid = invalid | ~((alpha > 0) & (alpha < 1))
+        checks.append(("alpha", alpha))
+    return raise_if_invalid(
+        invalid,
+        checks,
+        num_classes,
+        None,
+        "mixup_label_relaxation_loss: a class index out of range, lam outside [0, 1] or alpha "
+        "outside (0, 1)",
     )
 
 

@@ -1,0 +1,109 @@
+"""Where a small batch's time goes: operator calls, and the cost of an autograd.Function.
+
+Run from the repository root: ``uv run python bench/profile_small.py``. Prints
+
+* the operator calls of one forward and one forward+backward call of the loss at 64x10
+  float32 (``torch.profiler``, ATen operators only), next to cross-entropy's: at these sizes a
+  call costs what its operator calls cost;
+* the median time of a trivial ``autograd.Function`` (one ``sum``) in the ``forward(ctx, ...)``
+  form and with a separate ``setup_context``, forward and forward+backward: the reason the
+  fused node uses the first form;
+* ``torch.utils.benchmark`` medians of the loss (function and module) and cross-entropy at
+  64x10 and 128x10, forward and forward+backward.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from label_relaxation.benchmark import quiet_profiler
+from torch.profiler import ProfilerActivity, profile
+from torch.utils import benchmark
+
+from label_relaxation import LabelRelaxationLoss, label_relaxation_loss
+
+
+def operator_calls(fn: Any, logits: torch.Tensor, target: torch.Tensor, backward: bool) -> Counter:
+    """Top-level ATen operator calls of one call of ``fn``."""
+    leaf = logits.clone().requires_grad_(backward)
+    fn(leaf, target)  # warm-up
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss = fn(leaf, target)
+        if backward:
+            loss.backward()
+    calls: Counter = Counter()
+    for event in prof.events():
+        if event.name.startswith("aten::") and event.cpu_parent is None:
+            calls[event.name] += 1
+    return calls
+
+
+class WithContext(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.set_materialize_grads(False)
+        return x.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.expand(4, 10)
+
+
+class WithSetupContext(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.sum()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.expand(4, 10)
+
+
+def median_us(statement: str, **names: Any) -> float:
+    timer = benchmark.Timer(statement, globals=names)
+    return float(timer.blocked_autorange(min_run_time=0.5).median * 1e6)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(64, 10), torch.randint(0, 10, (64,))
+
+    def relaxation(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return label_relaxation_loss(z, y, 0.1)
+
+    for backward in (False, True):
+        for name, fn in (("label relaxation", relaxation), ("cross-entropy", F.cross_entropy)):
+            calls = operator_calls(fn, logits, target, backward)
+            kind = "forward+backward" if backward else "forward"
+            print(f"{name}, {kind}: {sum(calls.values())} operator calls")
+            print("   ", ", ".join(f"{op.removeprefix('aten::')} {n}" for op, n in calls.items()))
+
+    x = torch.randn(4, 10, requires_grad=True)
+    for cls in (WithContext, WithSetupContext):
+        fwd = median_us("cls.apply(x)", cls=cls, x=x)
+        both = median_us("cls.apply(x).backward()", cls=cls, x=x)
+        print(f"{cls.__name__}: apply {fwd:.1f} us, apply+backward {both:.1f} us")
+
+    criterion = LabelRelaxationLoss(0.1)
+    for rows, classes in ((64, 10), (128, 10)):
+        z, y = torch.randn(rows, classes), torch.randint(0, classes, (rows,))
+        names = {"z": z, "y": y, "F": F, "lr": label_relaxation_loss, "module": criterion}
+        for label, call in (
+            ("cross-entropy", "F.cross_entropy(x, y)"),
+            ("function", "lr(x, y, 0.1)"),
+            ("module", "module(x, y)"),
+        ):
+            fwd = median_us(call.replace("x", "z"), **names)
+            both = median_us(f"x = z.clone().requires_grad_(); {call}.backward()", **names)
+            print(f"{rows}x{classes} {label}: forward {fwd:.1f} us, forward+backward {both:.1f} us")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Value checks inside ``torch.compile`` graphs that raise a Python exception, never abort.
+
+Under ``torch.compile`` a check cannot read a value in Python without breaking the graph, and
+``torch._assert_async`` is no way out on the CPU: Inductor places it inside the kernel's OpenMP
+parallel region once the batch is large enough for several threads, and a C++ exception cannot
+leave that region, so the whole process dies with SIGABRT (seen at 4096x512 on 2 threads).
+
+The graph therefore computes a boolean mask of invalid positions (fused with the rest of the
+loss) and hands it to the custom operator ``label_relaxation::raise_if_invalid``, which Inductor
+calls from the graph's Python wrapper like any opaque operator. When a position is invalid the
+operator reruns the eager checks, so the exception has the same type and message as in eager
+mode. Its output, the mask itself, feeds the loss, so no compiler pass can drop it, and it runs
+before any loss value exists. Reading one flag is free on the CPU; on other devices it would be
+a host sync, so there the graph keeps ``torch._assert_async`` (a device-side assert, as for
+cross-entropy's own index checks on CUDA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from label_relaxation import _validation as check
+
+EagerCheck = Callable[[Tensor, int, "int | None"], None]
+
+# Each check takes (tensor, num_classes, ignore_index) and raises as in eager mode.
+_EAGER_CHECKS: dict[str, EagerCheck] = {
+    "target": lambda t, c, ignore: check.check_index_values(t, c, ignore),
+    "target_a": lambda t, c, ignore: check.check_index_values(t, c, None, name="target_a"),
+    "target_b": lambda t, c, ignore: check.check_index_values(t, c, None, name="target_b"),
+    "one_hot": lambda t, c, ignore: check.check_one_hot_values(t, t.argmax(-1)),
+    "soft_target": lambda t, c, ignore: check.check_soft_target_values(t),
+    "alpha": lambda t, c, ignore: check.check_alpha_values(t),
+    "lam": lambda t, c, ignore: check.check_lam_values(t),
+}
+
+
+@torch.library.custom_op("label_relaxation::raise_if_invalid", mutates_args=())
+def _raise_if_invalid(
+    invalid: Tensor,
+    inputs: list[Tensor],
+    checks: str,
+    num_classes: int,
+    ignore_index: int | None,
+    message: str,
+) -> Tensor:
+    """Return a copy of ``invalid``, or raise the eager checks' exception if any entry is set."""
+    if bool(invalid.any()):
+        for name, tensor in zip(checks.split(","), inputs, strict=True):
+            _EAGER_CHECKS[name](tensor, num_classes, ignore_index)
+        raise ValueError(message)  # a check that the mask flags but no eager check rejects
+    return invalid.clone()
+
+
+@_raise_if_invalid.register_fake
+def _(
+    invalid: Tensor,
+    inputs: list[Tensor],
+    checks: str,
+    num_classes: int,
+    ignore_index: int | None,
+    message: str,
+) -> Tensor:
+    return torch.empty_like(invalid)
+
+
+def raise_if_invalid(
+    invalid: Tensor,
+    inputs: Sequence[tuple[str, Tensor]],
+    num_classes: int,
+    ignore_index: int | None,
+    message: str,
+) -> Tensor:
+    """Inside a compiled graph: raise where eager mode would, then return ``invalid``.
+
+    Args:
+        invalid: Boolean mask of the positions whose values are bad.
+        inputs: ``(check, tensor)`` pairs naming the eager checks (keys of ``_EAGER_CHECKS``)
+            that explain a bad position, in the order eager mode runs them.
+        num_classes: ``C``, for index checks.
+        ignore_index: The index that is not out of range, or ``None``.
+        message: What to raise (``ValueError``) if no eager check rejects a flagged value.
+
+    Returns:
+        ``invalid`` (a copy on the CPU): use it downstream so that the check cannot be dropped.
+    """
+    if invalid.device.type != "cpu":
+        torch._assert_async(~invalid.any(), message)
+        return invalid
+    names = ",".join(name for name, _ in inputs)
+    tensors = [tensor.detach() for _, tensor in inputs]
+    result: Tensor = torch.ops.label_relaxation.raise_if_invalid(
+        invalid, tensors, names, num_classes, ignore_index, message
+    )
+    return result
