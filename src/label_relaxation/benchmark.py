@@ -10,8 +10,13 @@ Method (used by ``label-relaxation bench`` and described in the docs):
   forward+backward pass once (interleaved, so drifts in machine state hit all variants alike;
   the order rotates from round to round, so no variant always follows the same neighbour);
   the table reports medians;
-* on the CPU every timed call directly follows an untimed call of the same variant, as one
-  step of a training loop follows another (``--cold-memory`` leaves it out). Memory freed a
+* a timing is a block of calls lasting at least ``BLOCK_SECONDS`` (one call where one call
+  takes longer; the count is set from a call timed after the warm-up), reported per call, so
+  that a 64x10 batch taking microseconds is timed over thousands of calls;
+  forward+backward calls each get a fresh copy of the logits, made before the block;
+* on the CPU every timed single call directly follows an untimed call of the same variant, as
+  one step of a training loop follows another (``--cold-memory`` leaves it out; a block of
+  calls is its own warm-up). Memory freed a
   moment ago is cheap to reuse, but on virtual machines with free page reporting
   (virtio-balloon) memory left free for about 2 s goes back to the host and costs ~1-2 s per
   GiB at its next first touch instead of ~0.1 s; between interleaved rounds that would charge
@@ -44,14 +49,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from label_relaxation.functional import label_relaxation_loss
+from label_relaxation.modules import LabelRelaxationLoss
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# The sweep of `label-relaxation bench --sweep`: classification batches where operator calls
+# dominate, up to 1 GiB of language-model logits where passes over memory dominate.
+SWEEP_SHAPES = (
+    (64, 10),
+    (128, 10),
+    (256, 100),
+    (256, 1000),
+    (4096, 10),
+    (65536, 10),
+    (16384, 1000),
+    (4096, 32000),
+    (8192, 32000),
+    (2048, 128256),
+)
+SWEEP_MODES = ("ce", "ce-compiled", "lr", "lr-module", "lr-compiled")
+# A timed measurement runs a block of calls lasting at least this long (one call where a call
+# takes longer), so that microsecond calls are timed over many calls, as torch.utils.benchmark's
+# blocked_autorange does.
+BLOCK_SECONDS = 0.02
+MAX_CALLS = 5000
 MODES = (
     "ce",
     "ce-compiled",
     "ls",
     "ls-compiled",
     "lr",
+    "lr-module",
     "lr-compiled",
     "lr-inplace",
     "lr-reference",
@@ -82,6 +109,8 @@ class Measurement:
     compile_s: float | None = None
     peak_extra_bytes: int | None = None
     error: str | None = None
+    forward_calls: int = 1  # calls per timed block
+    train_calls: int = 1
 
     @property
     def forward_median(self) -> float | None:
@@ -123,6 +152,8 @@ def build_variants(alpha: float, modes: Sequence[str]) -> list[Variant]:
     def lr(z: Tensor, y: Tensor) -> Tensor:
         return label_relaxation_loss(z, y, alpha)
 
+    criterion = LabelRelaxationLoss(alpha)
+
     def lr_inplace(z: Tensor, y: Tensor) -> Tensor:
         return label_relaxation_loss(z, y, alpha, inplace=True)
 
@@ -142,6 +173,7 @@ def build_variants(alpha: float, modes: Sequence[str]) -> list[Variant]:
             "ls-compiled", f"cross-entropy, label_smoothing={alpha}, compiled", compiled(ls), True
         ),
         "lr": lambda: Variant("lr", "label relaxation, eager (fused)", lr),
+        "lr-module": lambda: Variant("lr-module", "LabelRelaxationLoss module, eager", criterion),
         "lr-compiled": lambda: Variant(
             "lr-compiled", "label relaxation, torch.compile", compiled(lr), compiled=True
         ),
@@ -163,29 +195,38 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_forward(variant: Variant, logits: Tensor, target: Tensor) -> float:
+def _time_forward(variant: Variant, logits: Tensor, target: Tensor, calls: int = 1) -> float:
+    """Seconds per call of a block of ``calls`` forward calls under ``torch.no_grad()``."""
     device = logits.device
     _synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
-        variant.loss(logits, target)
+        for _ in range(calls):
+            variant.loss(logits, target)
     _synchronize(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / calls
 
 
-def _time_train(variant: Variant, base: Tensor, target: Tensor) -> float:
-    """Time forward+backward on a fresh non-leaf copy of ``base`` (copy not timed)."""
-    leaf = base.detach().requires_grad_()
-    logits = leaf.clone()
+def _time_train(variant: Variant, base: Tensor, target: Tensor, calls: int = 1) -> float:
+    """Seconds per forward+backward call, each on a fresh non-leaf copy (copies not timed)."""
+    leaves = [base.detach().requires_grad_() for _ in range(calls)]
+    copies = [leaf.clone() for leaf in leaves]
     device = base.device
     _synchronize(device)
     start = time.perf_counter()
-    variant.loss(logits, target).backward()  # type: ignore[no-untyped-call]
+    for logits in copies:
+        variant.loss(logits, target).backward()  # type: ignore[no-untyped-call]
     _synchronize(device)
     elapsed = time.perf_counter() - start
-    del logits
-    leaf.grad = None
-    return elapsed
+    del copies, leaves
+    return elapsed / calls
+
+
+def block_calls(seconds_per_call: float) -> int:
+    """How many calls make one timed block (``BLOCK_SECONDS``)."""
+    if seconds_per_call <= 0:
+        return MAX_CALLS
+    return max(1, min(MAX_CALLS, math.ceil(BLOCK_SECONDS / seconds_per_call)))
 
 
 # What the profiler's C++ side (kineto) prints on a machine without a GPU, straight to file
@@ -229,9 +270,12 @@ def _peak_extra_bytes(variant: Variant, base: Tensor, target: Tensor) -> int | N
         variant.loss(logits, target).backward()  # type: ignore[no-untyped-call]
         torch.cuda.synchronize(base.device)
         return int(torch.cuda.max_memory_allocated(base.device) - before)
-    with quiet_profiler(), torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as profiler:
+    with (
+        quiet_profiler(),
+        torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as profiler,
+    ):
         variant.loss(logits, target).backward()  # type: ignore[no-untyped-call]
     results = getattr(profiler.profiler, "kineto_results", None)
     if results is None:
@@ -280,6 +324,8 @@ def measure_shape(
             _time_train(variant, base, target)
             if variant.compiled:
                 result.compile_s = time.perf_counter() - started
+            result.forward_calls = block_calls(_time_forward(variant, base, target))
+            result.train_calls = block_calls(_time_train(variant, base, target))
             result.peak_extra_bytes = _peak_extra_bytes(variant, base, target)
             live.append(variant)
         except Exception as error:  # a failed variant is reported; the run goes on
@@ -292,15 +338,16 @@ def measure_shape(
         # The order rotates every round, so that each variant takes each position equally.
         shift = round_index % max(len(live), 1)
         order = live[shift:] + live[:shift]
-        for timer, times in ((_time_forward, "forward_s"), (_time_train, "train_s")):
+        for timer, kind in ((_time_forward, "forward"), (_time_train, "train")):
             for variant in order:
                 result = results[variant.name]
                 if result.error is not None:
                     continue
+                calls = getattr(result, f"{kind}_calls")
                 try:
-                    if warm_memory:
+                    if warm_memory and calls == 1:
                         timer(variant, base, target)  # untimed: the loop's previous step
-                    getattr(result, times).append(timer(variant, base, target))
+                    getattr(result, f"{kind}_s").append(timer(variant, base, target, calls))
                 except Exception as error:
                     result.error = _error_text(error)
     return ShapeResult(
@@ -335,8 +382,14 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+def _duration(seconds: float | None) -> str:
+    """A time with a unit that keeps three significant figures: 85.2 us, 1.23 ms, 301 ms."""
+    if seconds is None:
+        return "-"
+    for scale, unit in ((1e-3, "us"), (1.0, "ms")):
+        if seconds < scale:
+            return f"{seconds / scale * 1e3:.3g} {unit}"
+    return f"{seconds:.3g} s"
 
 
 def _ratio(value: float | None, baseline: float | None) -> str:
@@ -364,9 +417,9 @@ def format_table(result: ShapeResult) -> str:
     base_train = baseline.train_median if baseline else None
     header = (
         "variant",
-        "fwd ms",
+        "fwd",
         "fwd vs ce",
-        "fwd+bwd ms",
+        "fwd+bwd",
         "fwd+bwd vs ce",
         "GB/s fwd",
         "GB/s fwd+bwd",
@@ -381,9 +434,9 @@ def format_table(result: ShapeResult) -> str:
         rows.append(
             (
                 m.variant,
-                _ms(m.forward_median),
+                _duration(m.forward_median),
                 _ratio(m.forward_median, base_fwd),
-                _ms(m.train_median),
+                _duration(m.train_median),
                 _ratio(m.train_median, base_train),
                 _bandwidth(result.logits_bytes, m.forward_median),
                 # forward+backward must at least read the logits and write their gradient
@@ -434,8 +487,8 @@ def to_json(
     }
 
 
-def plot(results: Sequence[ShapeResult], path: str) -> None:
-    """Bar chart of forward+backward time relative to eager cross-entropy, one group per shape."""
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or a clear error without the plot extra."""
     try:
         import matplotlib
 
@@ -445,6 +498,12 @@ def plot(results: Sequence[ShapeResult], path: str) -> None:
         raise RuntimeError(
             "--plot needs matplotlib: pip install 'label-relaxation[plot]'"
         ) from error
+    return plt
+
+
+def plot(results: Sequence[ShapeResult], path: str) -> None:
+    """Bar chart of forward+backward time relative to eager cross-entropy, one group per shape."""
+    plt = _pyplot()
     names = [m.variant for m in results[0].measurements]
     width = 0.8 / max(len(results), 1)
     figure, axis = plt.subplots(figsize=(max(6, len(names) * 0.9), 4))
@@ -462,6 +521,82 @@ def plot(results: Sequence[ShapeResult], path: str) -> None:
     axis.set_ylabel("forward+backward time / eager cross-entropy")
     axis.set_title(f"label-relaxation benchmark (torch {torch.__version__})")
     axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _median_of(result: ShapeResult, variant: str, kind: str) -> float | None:
+    """Median ``kind`` ("forward" or "train") time of ``variant`` at one shape, if measured."""
+    for m in result.measurements:
+        if m.variant == variant and m.error is None:
+            return m.forward_median if kind == "forward" else m.train_median
+    return None
+
+
+def sweep_ratios(result: ShapeResult) -> dict[str, float | None]:
+    """The sweep's figures at one shape, as ratios of median times from the same run.
+
+    Each variant against eager cross-entropy, forward+backward and forward (`` fwd``), and
+    compiled label relaxation against compiled cross-entropy.
+    """
+    ratios: dict[str, float | None] = {}
+    for kind, suffix in (("train", ""), ("forward", " fwd")):
+        base = _median_of(result, "ce", kind)
+        for m in result.measurements:
+            value = _median_of(result, m.variant, kind)
+            if m.variant != "ce":
+                ratios[m.variant + suffix] = value / base if value and base else None
+        compiled_ce = _median_of(result, "ce-compiled", kind)
+        compiled_lr = _median_of(result, "lr-compiled", kind)
+        ratios["lr-compiled/ce-compiled" + suffix] = (
+            compiled_lr / compiled_ce if compiled_lr and compiled_ce else None
+        )
+    return ratios
+
+
+def format_sweep_table(results: Sequence[ShapeResult]) -> str:
+    """One row per shape: eager cross-entropy's times, then every ratio of ``sweep_ratios``."""
+    columns = list(sweep_ratios(results[0]).keys()) if results else []
+    header = ["shape", "logits", "ce fwd+bwd", "ce fwd", *columns]
+    rows = [header]
+    for result in results:
+        ratios = sweep_ratios(result)
+        rows.append(
+            [
+                "x".join(str(size) for size in result.shape),
+                f"{math.prod(result.shape):.3g}",
+                _duration(_median_of(result, "ce", "train")),
+                _duration(_median_of(result, "ce", "forward")),
+                *("-" if ratios.get(c) is None else f"{ratios[c]:.2f}x" for c in columns),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(widths[i]) for i, cell in enumerate(row)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def plot_sweep(results: Sequence[ShapeResult], path: str) -> None:
+    """Each variant's time over eager cross-entropy's against the number of logits (log axis)."""
+    plt = _pyplot()
+    ratios = [sweep_ratios(result) for result in results]
+    sizes = [math.prod(result.shape) for result in results]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for axis, suffix, title in ((axes[0], "", "forward+backward"), (axes[1], " fwd", "forward")):
+        names = [
+            name for name in ratios[0] if name.endswith(suffix) and (suffix or " fwd" not in name)
+        ]
+        for name in names:
+            values = [r[name] if r[name] is not None else math.nan for r in ratios]
+            axis.plot(sizes, values, marker="o", label=name.removesuffix(suffix))
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_xscale("log")
+        axis.set_xlabel("logits per call (N x C)")
+        axis.set_title(title)
+    axes[0].set_ylabel("time / eager cross-entropy (same run)")
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"label-relaxation bench --sweep (torch {torch.__version__})")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

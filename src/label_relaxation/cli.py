@@ -7,12 +7,13 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from label_relaxation import benchmark
+from label_relaxation import benchmark, training_step
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHAPES = "2048x32000"
@@ -91,8 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--shapes",
         type=_shapes,
-        default=_shapes(DEFAULT_SHAPES),
-        help=f"comma-separated logits shapes, class dimension last (default {DEFAULT_SHAPES})",
+        help=f"comma-separated logits shapes, class dimension last (default {DEFAULT_SHAPES}; "
+        "with --sweep the sweep's shapes)",
+    )
+    bench.add_argument(
+        "--sweep",
+        action="store_true",
+        help="sizes from 64x10 to 2048x128256 ("
+        + ",".join("x".join(map(str, s)) for s in benchmark.SWEEP_SHAPES)
+        + f"), modes {','.join(benchmark.SWEEP_MODES)}, a table of ratios to eager "
+        "cross-entropy against size, and the training step (--training-step); about 10 "
+        "minutes on 2 cores",
+    )
+    bench.add_argument(
+        "--training-step",
+        action="store_true",
+        help="also time a whole training step of an MLP 64-256-256-10, batch 64, with "
+        "cross-entropy, label smoothing and label relaxation, eager and compiled",
     )
     bench.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -100,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--modes",
         type=_modes,
-        default=_modes(DEFAULT_MODES),
-        help=f"comma-separated variants (default: all of {DEFAULT_MODES})",
+        help=f"comma-separated variants (default: all of {DEFAULT_MODES}; with --sweep "
+        f"{','.join(benchmark.SWEEP_MODES)})",
     )
     bench.add_argument(
         "--repeat",
@@ -276,6 +292,10 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if args.shapes is None:
+        args.shapes = list(benchmark.SWEEP_SHAPES) if args.sweep else _shapes(DEFAULT_SHAPES)
+    if args.modes is None:
+        args.modes = list(benchmark.SWEEP_MODES) if args.sweep else _modes(DEFAULT_MODES)
     variants = benchmark.build_variants(args.alpha, args.modes)
     results = []
     for shape in args.shapes:
@@ -304,6 +324,17 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for result in results:
         print()
         print(benchmark.format_table(result))
+    if args.sweep:
+        print()
+        print("sweep: ratios of median times in this run (fwd: forward only, under no_grad)")
+        print(benchmark.format_sweep_table(results))
+    steps = None
+    if args.sweep or args.training_step:
+        steps = training_step.measure_training_steps(
+            args.alpha, repeat=args.repeat, progress=progress
+        )
+        print()
+        print(training_step.format_training_steps(steps))
     settings = {
         "shapes": [list(shape) for shape in args.shapes],
         "dtype": args.dtype,
@@ -311,14 +342,22 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "modes": args.modes,
         "repeat": args.repeat,
         "warm_memory": not args.cold_memory and device.type == "cpu",
+        "sweep": args.sweep,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     if args.json:
+        report = benchmark.to_json(results, info, settings)
+        if args.sweep:
+            report["sweep"] = [benchmark.sweep_ratios(result) for result in results]
+        if steps is not None:
+            report["training_step"] = [
+                {**asdict(timing), "median_s": timing.median} for timing in steps
+            ]
         with open(args.json, "w") as handle:
-            json.dump(benchmark.to_json(results, info, settings), handle, indent=2)
+            json.dump(report, handle, indent=2)
         progress(f"wrote {args.json}")
     if args.plot:
-        benchmark.plot(results, args.plot)
+        (benchmark.plot_sweep if args.sweep else benchmark.plot)(results, args.plot)
         progress(f"wrote {args.plot}")
     return 0
 
