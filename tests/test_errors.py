@@ -145,3 +145,55 @@ def test_unchecked_bad_values_give_nan_not_a_wrong_number(implementation: str) -
     )
     assert torch.isnan(loss[2]) and bool(torch.isfinite(loss[[0, 1, 3]]).all())
     assert torch.isnan(call(LOGITS, target, validate=False, implementation=implementation))
+
+
+def test_cross_entropy_layout_gets_a_hint() -> None:
+    """Logits (N, C, d1, ...) with target (N, d1, ...): the layout of nn.CrossEntropyLoss."""
+    logits = torch.randn(2, 5, 8, 8)
+    target = torch.randint(0, 5, (2, 8, 8))
+    with pytest.raises(
+        ValueError,
+        match=r"got shape \(2, 8, 8\)\. The shapes fit "
+        r"nn\.CrossEntropyLoss's layout .* pass logits\.movedim\(1, -1\)",
+    ):
+        label_relaxation_loss(logits, target)
+    label_relaxation_loss(logits.movedim(1, -1), target)  # the fix works
+    with pytest.raises(ValueError, match=r"got shape \(3,\)$"):
+        label_relaxation_loss(torch.randn(4, 5), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_nan_and_infinite_logits(implementation: str, compiled: bool) -> None:
+    """NaN in, NaN out (loss and gradient of that row), as in cross-entropy; +inf is NaN too
+    (inf - inf); -inf off the target is a masked class; -inf at the target gives an infinite
+    loss with a finite gradient; ignored rows stay exactly 0 whatever they hold."""
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor(
+        [
+            [0.0, nan, 1.0, 2.0],
+            [inf, 0.0, 1.0, 2.0],
+            [0.0, -inf, 1.0, 2.0],
+            [-inf, 0.0, 1.0, 2.0],
+            [nan, nan, nan, nan],
+            [1.0, 0.0, 0.0, 0.0],
+        ]
+    )
+    target = torch.tensor([0, 0, 0, 0, -100, 0])
+
+    def fn(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return label_relaxation_loss(z, y, 0.1, reduction="none", implementation=implementation)  # type: ignore[arg-type]
+
+    if compiled:
+        if implementation == "fused":
+            pytest.skip("the fused implementation runs eagerly only")
+        fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    leaf = logits.clone().requires_grad_()
+    loss = fn(leaf, target)
+    loss.sum().backward()
+    assert leaf.grad is not None
+    assert torch.isnan(loss[0]) and bool(torch.isnan(leaf.grad[0]).all())
+    assert torch.isnan(loss[1])
+    assert torch.isfinite(loss[2]) and loss[2] > 0 and leaf.grad[2, 1] == 0
+    assert loss[3] == inf and bool(torch.isfinite(leaf.grad[3]).all())
+    assert loss[4] == 0 and bool((leaf.grad[4] == 0).all())
+    assert torch.isfinite(loss[5]) and bool(torch.isfinite(leaf.grad[5]).all())

@@ -367,3 +367,24 @@ def test_inductor_soft_module() -> None:
         loss_e.backward()
         torch.testing.assert_close(loss_c, loss_e, rtol=2e-6, atol=1e-7)
         torch.testing.assert_close(leaf_c.grad, leaf_e.grad, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soft_target_sum_tolerance_is_1e_5(dtype: torch.dtype) -> None:
+    """The documented rule: a row may miss a sum of 1 by at most 1e-5 (float32 and float64)."""
+    logits = torch.randn(1, 2, dtype=dtype)
+    accepted = torch.tensor([[0.5, 0.5 + 5e-6]], dtype=dtype)
+    rejected = torch.tensor([[0.5, 0.5 + 5e-5]], dtype=dtype)
+    assert torch.isfinite(soft_label_relaxation_loss(logits, accepted, 0.1))
+    with pytest.raises(ValueError, match=r"sum to 1 \(within 1\.0e-05\)"):
+        soft_label_relaxation_loss(logits, rejected, 0.1)
+
+
+def test_mixup_checks_a_tensor_alpha() -> None:
+    logits = torch.randn(4, 5)
+    a, b = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 1, 0, 4])
+    alpha = torch.tensor([0.1, 0.0, 0.2, 0.1])
+    with pytest.raises(ValueError, match=r"alpha must lie in the open interval \(0, 1\)"):
+        mixup_label_relaxation_loss(logits, a, b, 0.5, alpha)
+    loss = mixup_label_relaxation_loss(logits, a, b, 0.5, alpha, reduction="none", validate=False)
+    assert torch.isnan(loss[1]) and bool(torch.isfinite(loss[[0, 2, 3]]).all())

@@ -258,3 +258,72 @@ def test_large_chunked_input_with_weights_and_ignored_rows(implementation_: str)
         loss[kept] / row_weight,
         grad[kept] / row_weight[:, None],
     )
+
+
+def rows_just_outside(alpha: float, rows: int = 300, num_classes: int = 50) -> torch.Tensor:
+    """float32 logits whose non-target mass r lies between 1.5·alpha and 3·alpha (target 0)."""
+    generator = torch.Generator().manual_seed(1)
+    r = alpha * (1.5 + 1.5 * torch.rand(rows, generator=generator, dtype=torch.float64))
+    others = torch.randn(rows, num_classes - 1, generator=generator, dtype=torch.float64)
+    # With target logit 0: r / (1 - r) = sum exp(others + shift).
+    shift = torch.log(r / (1 - r)) - torch.logsumexp(others, -1)
+    offset = 3 * torch.randn(rows, 1, generator=generator, dtype=torch.float64)
+    zeros = torch.zeros(rows, 1, dtype=torch.float64)
+    return (torch.cat([zeros, others + shift[:, None]], 1) + offset).float()
+
+
+@pytest.mark.parametrize("alpha", [1e-5, 1e-3])
+def test_loss_relative_precision_just_outside_the_set(implementation: str, alpha: float) -> None:
+    """The loss relative to itself, where it is far smaller than its two terms.
+
+    Just outside the set (r = k·alpha, 1.5 <= k <= 3) the loss is about alpha·(k-1)²/(2k), and
+    its relative sensitivity to r is (r - alpha)/loss <= 6, so float32's relative error of r
+    (a few ulp per summed mass, ~1e-6) allows about 1e-5; measured up to 1.2e-5 on every path,
+    hence 5e-5. log(1 - r) in place of log1p(-r) gives 3e-2 here.
+    """
+    logits = rows_just_outside(alpha)
+    target = torch.zeros(logits.shape[0], dtype=torch.long)
+    loss, _ = loss_and_grad(logits, target, alpha, implementation)
+    reference = projected_kl(logits, target, alpha)
+    assert bool((reference > 0).all())
+    relative = ((loss.double() - reference).abs() / reference).max()
+    assert relative <= 5e-5, f"max relative loss error {relative:.2e}"
+
+
+@pytest.mark.parametrize("rows", [8, 9, 10, 17, 18, 19, 28])
+def test_chunk_edges_with_odd_row_counts(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """The chunked kernel with 9-row chunks: row counts just around one, two and three chunks."""
+    from label_relaxation import _fused, _small
+
+    monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
+    monkeypatch.setattr(_fused, "CHUNK_ELEMENTS", 9 * 7)
+    logits = torch.randn(rows, 7) * 3
+    target = torch.randint(0, 7, (rows,))
+    assert_matches_reference(logits, target, 0.2, "fused")
+
+
+def test_weighted_ignored_rows_at_chunk_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Class weights with ignored rows on both sides of each chunk boundary (9-row chunks)."""
+    from label_relaxation import _fused, _small
+
+    monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
+    monkeypatch.setattr(_fused, "CHUNK_ELEMENTS", 9 * 7)
+    rows = 28
+    logits = torch.randn(rows, 7) * 3
+    logits[[8, 9, 27]] = float("nan")  # garbage in ignored rows must not leak
+    target = torch.randint(0, 7, (rows,))
+    ignored = torch.tensor([0, 8, 9, 17, 18, 27])
+    target[ignored] = -100
+    weight = torch.rand(7) + 0.5
+    leaf = logits.clone().requires_grad_()
+    loss = label_relaxation_loss(leaf, target, 0.2, weight=weight, implementation="fused")
+    loss.backward()
+    kept = target != -100
+    per_row = projected_kl(logits[kept], target[kept], 0.2) * weight[target[kept]].double()
+    expected = per_row.sum() / weight[target[kept]].double().sum()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+    assert leaf.grad is not None
+    assert bool((leaf.grad[ignored] == 0).all())
+    g_ref = expected_gradient(logits[kept], target[kept], 0.2) * weight[target[kept], None].double()
+    g_ref = g_ref / weight[target[kept]].double().sum()
+    torch.testing.assert_close(leaf.grad[kept].double(), g_ref, rtol=1e-5, atol=1e-8)

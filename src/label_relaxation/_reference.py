@@ -45,7 +45,8 @@ def reference_rows(logits: Tensor, target: Tensor, alpha: AlphaLike) -> Tensor:
     # The shift only conditions exp(); the loss is shift-invariant, so a detached shift keeps
     # every derivative exact. Rows of only -inf get shift 0 instead of -inf - -inf = nan.
     shift = logits.detach().amax(-1, keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    # A +inf or NaN maximum stays: such a row gives NaN, as in cross-entropy.
+    shift = torch.where(torch.isneginf(shift), torch.zeros_like(shift), shift)
     shifted = logits - shift
     exp_shifted = _exp(shifted)
     classes = torch.arange(num_classes, device=logits.device)

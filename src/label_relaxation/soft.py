@@ -244,6 +244,12 @@ def mixup_label_relaxation_loss(
     if eager_checks:
         check.check_index_values(target_a, num_classes, None, name="target_a")
         check.check_index_values(target_b, num_classes, None, name="target_b")
+    if isinstance(alpha, Tensor):
+        check.check_alpha_tensor(alpha, batch_shape)
+        if eager_checks:
+            check.check_alpha_values(alpha)
+    else:
+        check.check_alpha_float(alpha)
     dtype = compute_dtype(logits.dtype)
     if isinstance(lam, Tensor):
         check.check_alpha_tensor(lam, batch_shape, name="lam")
