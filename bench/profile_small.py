@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from label_relaxation.benchmark import quiet_profiler
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
 
 from label_relaxation import LabelRelaxationLoss, label_relaxation_loss
+from label_relaxation.benchmark import quiet_profiler
 
 
 def operator_calls(fn: Any, logits: torch.Tensor, target: torch.Tensor, backward: bool) -> Counter:
