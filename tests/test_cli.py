@@ -98,18 +98,15 @@ def test_a_failing_variant_is_reported_and_the_run_goes_on() -> None:
     assert "failed: MemoryError: out of memory (simulated)" in benchmark.format_table(result)
 
 
-@pytest.mark.parametrize(("warm_memory", "calls_per_timing"), [(True, 2), (False, 1)])
-def test_each_timed_call_follows_an_untimed_one_unless_cold(
-    warm_memory: bool, calls_per_timing: int
-) -> None:
-    calls = []
+def count_calls(warm_memory: bool, repeat: int = 3) -> tuple[benchmark.Measurement, list[bool]]:
+    """Run one counted variant; return its measurement and, per call, whether grad was on."""
+    calls: list[bool] = []
 
     def counted(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         calls.append(torch.is_grad_enabled())
         return torch.nn.functional.cross_entropy(logits, target)
 
     variant = benchmark.Variant("counted", "cross-entropy, counted", counted)
-    repeat = 3
     result = benchmark.measure_shape(
         (8, 5),
         [variant],
@@ -120,12 +117,39 @@ def test_each_timed_call_follows_an_untimed_one_unless_cold(
         warm_memory=warm_memory,
     )
     (measurement,) = result.measurements
+    return measurement, calls
+
+
+# warm-up: one forward, one forward+backward, one of each to size the blocks, one memory run
+WARM_UP_CALLS = 5
+
+
+@pytest.mark.parametrize(("warm_memory", "calls_per_timing"), [(True, 2), (False, 1)])
+def test_each_timed_single_call_follows_an_untimed_one_unless_cold(
+    monkeypatch: pytest.MonkeyPatch, warm_memory: bool, calls_per_timing: int
+) -> None:
+    monkeypatch.setattr(benchmark, "BLOCK_SECONDS", 0.0)  # every timing is a single call
+    repeat = 3
+    measurement, calls = count_calls(warm_memory, repeat)
+    assert measurement.forward_calls == measurement.train_calls == 1
     assert len(measurement.forward_s) == len(measurement.train_s) == repeat
-    # warm-up: one forward, one forward+backward, one memory measurement
-    timed = calls[3:]
+    timed = calls[WARM_UP_CALLS:]
     assert len(timed) == 2 * repeat * calls_per_timing
-    forward_calls = [not grad for grad in timed]
-    assert sum(forward_calls) == repeat * calls_per_timing
+    assert sum(not grad for grad in timed) == repeat * calls_per_timing
+
+
+def test_fast_calls_are_timed_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call much shorter than BLOCK_SECONDS is timed over a block of MAX_CALLS calls, which
+    is its own warm-up: no untimed call before it."""
+    monkeypatch.setattr(benchmark, "BLOCK_SECONDS", 10.0)
+    monkeypatch.setattr(benchmark, "MAX_CALLS", 4)
+    repeat = 3
+    measurement, calls = count_calls(True, repeat)
+    assert measurement.forward_calls == measurement.train_calls == 4
+    timed = calls[WARM_UP_CALLS:]
+    assert len(timed) == 2 * repeat * 4
+    assert sum(not grad for grad in timed) == repeat * 4
+    assert all(0 < t < 1 for t in measurement.forward_s + measurement.train_s)
 
 
 def test_cold_memory_flag_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -53,9 +53,15 @@ class _RelaxationModule(nn.Module):
             self.alpha_buffer.fill_(self._alpha_value)
 
     @property
-    def _alpha_scalar(self) -> Tensor:
-        """The 0-d view of the buffer that every call passes as alpha."""
-        return self.alpha_buffer[0]
+    def _alpha_argument(self) -> float | Tensor:
+        """What a call passes as alpha.
+
+        The 0-d view of the buffer while ``torch.compile`` traces (a new value is then a new
+        input, not a recompile), else the Python float, which an eager call reads for free.
+        """
+        if torch.compiler.is_compiling():
+            return self.alpha_buffer[0]
+        return self._alpha_value
 
     def _new_alpha_buffer(self, device: torch.device | None) -> Tensor:
         return torch.full((1,), self._alpha_value, dtype=torch.float64, device=device)
@@ -131,7 +137,7 @@ class LabelRelaxationLoss(_RelaxationModule):
         return label_relaxation_loss(
             input,
             target,
-            self._alpha_scalar,
+            self._alpha_argument,
             weight=self.weight,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
@@ -181,7 +187,7 @@ class SoftLabelRelaxationLoss(_RelaxationModule):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """Compute the loss of logits ``input`` against target distributions ``target``."""
         return soft_label_relaxation_loss(
-            input, target, self._alpha_scalar, weight=self.weight, reduction=self.reduction
+            input, target, self._alpha_argument, weight=self.weight, reduction=self.reduction
         )
 
 
@@ -224,7 +230,7 @@ class MixupLabelRelaxationLoss(_RelaxationModule):
             target_a,
             target_b,
             lam,
-            self._alpha_scalar,
+            self._alpha_argument,
             weight=self.weight,
             reduction=self.reduction,
         )
