@@ -5,6 +5,10 @@ Prints, per shape, medians with the forward+backward range across rounds, ratios
 cross-entropy, peak extra memory as a multiple of the logits' size, and compiled label
 relaxation against compiled cross-entropy; nothing is typed in by hand. ``--plot PATH`` also
 draws the bar chart of ``label-relaxation bench --plot`` from the same figures.
+
+``--sweep A.json B.json`` takes two invocations of ``label-relaxation bench --sweep --json`` and
+prints one row per shape with each ratio from both runs and the worse of the two, then the
+training-step table of both; ``--plot`` then draws the sweep chart of the first run.
 """
 
 from __future__ import annotations
@@ -76,13 +80,83 @@ def shape_results(data: dict[str, Any]) -> list[benchmark.ShapeResult]:
     return results
 
 
+SWEEP_COLUMNS = (
+    ("lr", "eager fwd+bwd"),
+    ("lr-module", "module fwd+bwd"),
+    ("lr-compiled/ce-compiled", "compiled fwd+bwd vs compiled CE"),
+    ("lr fwd", "eager forward"),
+    ("lr-compiled/ce-compiled fwd", "compiled forward vs compiled CE"),
+)
+
+
+def sweep_table(runs: list[dict[str, Any]]) -> str:
+    """Ratios per shape from every run, ``a / b (worse)``; ratios are to eager CE unless named."""
+    header = "| logits | CE fwd+bwd | " + " | ".join(title for _, title in SWEEP_COLUMNS) + " |"
+    lines = [header, "|---|---:|" + "---:|" * len(SWEEP_COLUMNS)]
+    results = [shape_results(run) for run in runs]
+    for index, first in enumerate(results[0]):
+        per_run = [benchmark.sweep_ratios(run[index]) for run in results]
+        ce_times = [
+            benchmark._duration(benchmark._median_of(run[index], "ce", "train")) for run in results
+        ]
+        cells = []
+        for key, _ in SWEEP_COLUMNS:
+            values = [ratios.get(key) for ratios in per_run]
+            if any(value is None for value in values):
+                cells.append("-")
+                continue
+            shown = " / ".join(f"{value:.2f}" for value in values if value is not None)
+            worse = max(value for value in values if value is not None)
+            cells.append(f"{shown} (**{worse:.2f}{TIMES}**)")
+        shape = "x".join(str(size) for size in first.shape)
+        lines.append(f"| {shape} | {' / '.join(ce_times)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def step_table(runs: list[dict[str, Any]]) -> str:
+    """The training-step medians of every run, against cross-entropy in the same mode."""
+    lines = ["| criterion | mode | per step | vs cross-entropy |", "|---|---|---:|---:|"]
+    steps = [run["training_step"] for run in runs]
+    for index, timing in enumerate(steps[0]):
+        mode = "compiled" if timing["compiled"] else "eager"
+        times, ratios = [], []
+        for run in steps:
+            this = run[index]
+            base = next(
+                t
+                for t in run
+                if t["criterion"] == "cross-entropy" and t["compiled"] == this["compiled"]
+            )
+            times.append(f"{this['median_s'] * 1e6:.0f} µs")
+            ratios.append(this["median_s"] / base["median_s"])
+        shown = " / ".join(f"{r:.2f}" for r in ratios)
+        lines.append(
+            f"| {timing['criterion']} | {mode} | {' / '.join(times)} "
+            f"| {shown} (**{max(ratios):.2f}{TIMES}**) |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="output of label-relaxation bench --json")
-    parser.add_argument("--plot", metavar="PATH", help="also draw the bench's bar chart")
+    parser.add_argument("json", nargs="+", help="output of label-relaxation bench --json")
+    parser.add_argument("--plot", metavar="PATH", help="also draw the bench's chart")
+    parser.add_argument("--sweep", action="store_true", help="sweep tables from several runs")
     args = parser.parse_args()
-    with open(args.json) as handle:
-        data = json.load(handle)
+    runs = []
+    for path in args.json:
+        with open(path) as handle:
+            runs.append(json.load(handle))
+    if args.sweep:
+        for run in runs:
+            print(f"<!-- {run['settings']['command']}; torch {run['machine']['torch']} -->")
+        print(sweep_table(runs))
+        print()
+        print(step_table(runs))
+        if args.plot:
+            benchmark.plot_sweep(shape_results(runs[0]), args.plot)
+        return
+    data = runs[0]
     print(f"<!-- {data['settings']['command']}; torch {data['machine']['torch']} -->")
     for result in data["results"]:
         print()

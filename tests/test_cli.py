@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from label_relaxation import benchmark
+from label_relaxation import benchmark, training_step
 from label_relaxation.cli import main
 
 FAST_MODES = "ce,ls,lr,lr-inplace,lr-reference,floor"
@@ -181,3 +181,35 @@ def test_python_dash_m_entry_point() -> None:
         check=True,
     )
     assert "--shapes" in completed.stdout and "--plot" in completed.stdout
+
+
+def test_sweep_table_reports_ratios_from_the_same_run() -> None:
+    def measurement(name: str, forward: float, train: float) -> benchmark.Measurement:
+        return benchmark.Measurement(name, name, forward_s=[forward], train_s=[train])
+
+    result = benchmark.ShapeResult(
+        shape=(64, 10),
+        dtype="float32",
+        device="cpu",
+        logits_bytes=2560,
+        measurements=[
+            measurement("ce", 10e-6, 50e-6),
+            measurement("lr", 30e-6, 100e-6),
+            measurement("ce-compiled", 20e-6, 80e-6),
+            measurement("lr-compiled", 25e-6, 60e-6),
+        ],
+    )
+    ratios = benchmark.sweep_ratios(result)
+    assert ratios["lr"] == pytest.approx(2.0) and ratios["lr fwd"] == pytest.approx(3.0)
+    assert ratios["lr-compiled/ce-compiled"] == pytest.approx(0.75)
+    assert ratios["lr-compiled/ce-compiled fwd"] == pytest.approx(1.25)
+    table = benchmark.format_sweep_table([result])
+    assert "64x10" in table and "50 us" in table and "2.00x" in table and "0.75x" in table
+
+
+def test_training_step_benchmark_eager() -> None:
+    timings = training_step.measure_training_steps(0.1, compiled=(False,), repeat=2)
+    assert [t.criterion for t in timings] == list(training_step.CRITERIA)
+    assert all(len(t.seconds) == 2 and t.median > 0 for t in timings)
+    text = training_step.format_training_steps(timings)
+    assert "label relaxation  eager" in text and "1.00x" in text
