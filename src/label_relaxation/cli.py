@@ -300,6 +300,9 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     results = []
     for shape in args.shapes:
         progress(f"shape {'x'.join(map(str, shape))} {args.dtype} on {device}:")
+        # Each shape compiles its own graphs (dynamic=False); without a reset the compiled
+        # variants would hit Dynamo's recompile limit (8) in a sweep of 10 shapes.
+        torch.compiler.reset()
         results.append(
             benchmark.measure_shape(
                 shape,
