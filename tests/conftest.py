@@ -13,7 +13,7 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-IMPLEMENTATIONS = ("fused", "fused-chunked", "reference")
+IMPLEMENTATIONS = ("fused", "fused-chunked", "fused-chunked-base2", "reference")
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
@@ -21,12 +21,15 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     """Every core test runs on each kernel.
 
     The fused path's small-input kernel (what small shapes get), its chunked kernel (forced for
-    small shapes too), and the pure formulation.
+    small shapes too) with the exponential base this CPU uses and in base 2 (what AVX2 CPUs
+    and GPUs use), and the pure formulation.
     """
-    if request.param == "fused-chunked":
-        from label_relaxation import _small
+    if request.param.startswith("fused-chunked"):
+        from label_relaxation import _closed_form, _small
 
         monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
+        if request.param.endswith("base2"):
+            monkeypatch.setattr(_closed_form, "_CPU_BASE", _closed_form.BASE_TWO)
         return "fused"
     return str(request.param)
 

@@ -15,16 +15,40 @@ From these, with ``r = s_rest / s_total``, a row is *active* (outside the credal
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 AlphaLike = float | Tensor
 
-# The fused kernels, and the pure formulation under torch.compile, compute exp(x) as
-# exp2(x·log2(e)): exp2 is the cheaper kernel in ATen (about half the time of exp on AVX2) and
-# in Inductor's generated code, as bench/exp2_vs_exp.py measures.
 LOG2_E = math.log2(math.e)
+
+
+class ExpBase(NamedTuple):
+    """How the kernels exponentiate the shifted logits: ``exp(z - m)`` or ``2^(z·log2(e) - ...)``.
+
+    ``bench/exp2_vs_exp.py`` measured ATen's ``exp2`` at 0.56× its ``exp`` on a 2-core AMD EPYC
+    with AVX2 (83 against 150 ms per GiB of float32 in 8 MiB chunks), but at 1.41× on a 2-core
+    Intel Xeon with AVX-512 (94 against 67 ms, logits shifted by their row maximum as the kernels
+    see them; Inductor's code 1.05×). So the CPU uses base 2 only where ATen runs its AVX2
+    kernels. In base 2 one fused multiply-add applies scale and shift in a single pass, and
+    ``ln(2)`` turns exponents back into natural logs.
+    """
+
+    scale: float  # exponent units per logit unit: log2(e), or 1
+    to_natural: float  # natural-log units per exponent unit: ln(2), or 1
+    two: bool
+
+
+BASE_TWO = ExpBase(LOG2_E, math.log(2.0), True)
+BASE_E = ExpBase(1.0, 1.0, False)
+_CPU_BASE = BASE_TWO if torch.backends.cpu.get_cpu_capability() == "AVX2" else BASE_E
+
+
+def exp_base(device: torch.device) -> ExpBase:
+    """The cheaper exponential on ``device``: by the CPU's ATen kernels; base 2 elsewhere."""
+    return _CPU_BASE if device.type == "cpu" else BASE_TWO
 
 
 def log_alpha_terms(alpha: AlphaLike) -> tuple[AlphaLike, AlphaLike]:

@@ -3,10 +3,10 @@
 Cross-entropy in eager PyTorch writes a full log-softmax in the forward pass and computes one
 more exponential pass in the backward pass. Here the forward pass walks the logits in row
 chunks small enough to stay in cache and, for each chunk, computes the unnormalised
-probabilities (as powers of 2, see ``LOG2_E``), the row statistics and the finished, already
-weighted gradient. The backward pass only scales it by the incoming gradient, and skips even
-that when the incoming gradient is exactly 1 on the CPU. The logits are read once from memory
-and the gradient is written once.
+probabilities (powers of e or 2, whichever is cheaper here: ``ExpBase``), the row statistics
+and the finished, already weighted gradient. The backward pass only scales it by the incoming
+gradient, and skips even that when the incoming gradient is exactly 1 on the CPU. The logits
+are read once from memory and the gradient is written once.
 
 This path runs in plain eager mode only; :mod:`label_relaxation.functional` sends
 ``torch.compile``, ``torch.func`` and forward-mode AD to the pure formulation instead.
@@ -14,7 +14,6 @@ This path runs in plain eager mode only; :mod:`label_relaxation.functional` send
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,8 +21,9 @@ import torch
 from torch import Tensor
 
 from label_relaxation._closed_form import (
-    LOG2_E,
     AlphaLike,
+    ExpBase,
+    exp_base,
     log_alpha_terms,
     log_target_probability,
     relaxation_loss,
@@ -47,57 +47,60 @@ def chunk_rows(logits: Tensor) -> int:
     return max(1, elements // num_classes)
 
 
-# The kernels compute exp(z - m) as 2^(z·log2(e) - m·log2(e)) (why: LOG2_E in _closed_form,
-# bench/exp2_vs_exp.py); one fused multiply-add applies scale and shift in a single pass, and
-# ln(2) turns base-2 exponents back into natural logarithms.
-LN_2 = math.log(2.0)
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def row_exponent_shift(logits: Tensor, dtype: torch.dtype) -> Tensor:
-    """``-max(z)·log2(e)`` of every row of ``logits`` ``(R, C)``, as ``(R, 1)`` in ``dtype``.
+def row_exponent_shift(logits: Tensor, dtype: torch.dtype, base: ExpBase) -> Tensor:
+    """``-max(z)·scale`` of every row of ``logits`` ``(R, C)``, as ``(R, 1)`` in ``dtype``.
 
     The maximum keeps every exponent at or below 0 (no overflow); the rounding of the product
     is the same for the whole row, so it cancels in every ratio of masses.
     """
-    return logits.amax(-1, keepdim=True).to(dtype).mul_(-LOG2_E)
+    return logits.amax(-1, keepdim=True).to(dtype).mul_(-base.scale)
 
 
-def exponent(logits: Tensor, neg_shift: Tensor, out: Tensor | None = None) -> Tensor:
-    """``z·log2(e) - shift`` in one rounding: ATen's add computes ``a + alpha·b`` as an FMA.
+def exponent(logits: Tensor, neg_shift: Tensor, base: ExpBase, out: Tensor | None = None) -> Tensor:
+    """``z·scale - shift`` in one rounding: ATen's add computes ``a + alpha·b`` as an FMA.
 
     The product ``z·log2(e)`` is never rounded on its own, so large logits close together
     (``1000 ± 3``) keep the precision of ``z - m``, as tested in ``tests/test_values.py``.
     """
     if out is None:
-        return torch.add(neg_shift, logits, alpha=LOG2_E)
-    return torch.add(neg_shift, logits, alpha=LOG2_E, out=out)
+        return torch.add(neg_shift, logits, alpha=base.scale)
+    return torch.add(neg_shift, logits, alpha=base.scale, out=out)
 
 
-def exp2_shifted_into(logits: Tensor, neg_shift: Tensor, work: Tensor) -> None:
-    """Write the unnormalised probabilities ``2^(z·log2(e) - shift)`` of a chunk into ``work``.
+def power(exponents: Tensor, base: ExpBase) -> Tensor:
+    """``base^exponents``, out of place."""
+    return exponents.exp2() if base.two else exponents.exp()
+
+
+def exp_shifted_into(logits: Tensor, neg_shift: Tensor, work: Tensor, base: ExpBase) -> None:
+    """Write the unnormalised probabilities ``exp(z - m)`` of a chunk into ``work``.
 
     ``work`` may alias ``logits`` (in-place mode): the element-wise add reads each value once.
     """
-    exponent(logits, neg_shift, out=work)
-    work.exp2_()
+    exponent(logits, neg_shift, base, out=work)
+    if base.two:
+        work.exp2_()
+    else:
+        work.exp_()
 
 
 class _RowStatistics(NamedTuple):
     """Per-row results of the chunk loop, each ``(N, 1)`` in the compute dtype.
 
-    With ``p'_k = 2^(t_k)`` and ``t_k = z_k·log2(e) - shift``, the masses ``rest`` and
-    ``total = rest + p'_y`` are summed directly, and ``log p_y = ln(2)·t_y - log(total)``
-    comes from the exponent, so it stays exact where ``p'_y`` underflows.
+    With ``p'_k = b^(t_k)`` and ``t_k = z_k·scale - shift`` (base ``b`` = e or 2), the masses
+    ``rest`` and ``total = rest + p'_y`` are summed directly, and
+    ``log p_y = ln(b)·t_y - log(total)`` comes from the exponent, so it stays exact where
+    ``p'_y`` underflows.
     """
 
     rest: Tensor  # sum of p'_k over k != y, summed directly: never 1 - p_y
     target: Tensor  # p'_y
-    target_shifted: Tensor  # ln(2)·t_y = ln p'_y, exact even where p'_y underflows
+    target_shifted: Tensor  # ln(b)·t_y = ln p'_y, exact even where p'_y underflows
 
 
 def _masses(logits: Tensor, target: Tensor, work: Tensor, stats: _RowStatistics) -> None:
@@ -105,13 +108,14 @@ def _masses(logits: Tensor, target: Tensor, work: Tensor, stats: _RowStatistics)
 
     ``work`` has the chunk's shape in the compute dtype and may alias ``logits`` (in-place mode);
     ``target`` is ``(R, 1)``. Passes over the chunk: the max (the only read from memory), the
-    exponent, exp2 and the sum; all but the first run in cache.
+    exponent, the exponential and the sum; all but the first run in cache.
     """
+    base = exp_base(logits.device)
     # Read before work (which may alias the logits) is overwritten.
     target_logit = logits.gather(-1, target).to(work.dtype)
-    neg_shift = row_exponent_shift(logits, work.dtype)
-    exp2_shifted_into(logits, neg_shift, work)
-    torch.mul(exponent(target_logit, neg_shift), LN_2, out=stats.target_shifted)
+    neg_shift = row_exponent_shift(logits, work.dtype, base)
+    exp_shifted_into(logits, neg_shift, work, base)
+    torch.mul(exponent(target_logit, neg_shift, base), base.to_natural, out=stats.target_shifted)
     torch.gather(work, -1, target, out=stats.target)
     work.scatter_(-1, target, 0.0)
     torch.sum(work, -1, keepdim=True, out=stats.rest)

@@ -20,11 +20,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from label_relaxation._closed_form import exp_base
 from label_relaxation._fused import (
-    LN_2,
-    exp2_shifted_into,
+    exp_shifted_into,
     exponent,
     for_each_chunk,
+    power,
     row_exponent_shift,
 )
 
@@ -90,20 +91,21 @@ def _chunk(
     write_grad: bool,
 ) -> Tensor:
     """Weighted loss of one chunk; with ``write_grad`` leave ``w·(p - q)`` in ``work``."""
-    neg_shift = row_exponent_shift(logits, work.dtype)
+    base = exp_base(logits.device)
+    neg_shift = row_exponent_shift(logits, work.dtype, base)
     neg_shift = torch.where(torch.isfinite(neg_shift), neg_shift, 0.0)
-    exponent_a = exponent(logits.gather(-1, index_a).to(work.dtype), neg_shift)
-    exponent_b = exponent(logits.gather(-1, index_b).to(work.dtype), neg_shift)
-    exp2_shifted_into(logits, neg_shift, work)
+    exponent_a = exponent(logits.gather(-1, index_a).to(work.dtype), neg_shift, base)
+    exponent_b = exponent(logits.gather(-1, index_b).to(work.dtype), neg_shift, base)
+    exp_shifted_into(logits, neg_shift, work, base)
     same = index_a == index_b
-    e_a = exponent_a.exp2()
+    e_a = power(exponent_a, base)
     # When a == b the target is one-hot: class b contributes no mass of its own.
-    e_b = torch.where(same, 0.0, exponent_b.exp2())
+    e_b = torch.where(same, 0.0, power(exponent_b, base))
     work.scatter_(-1, index_a, 0.0)
     work.scatter_(-1, index_b, 0.0)
     e_rest = work.sum(-1, keepdim=True)
-    shifted_a = LN_2 * exponent_a
-    shifted_b = torch.where(same, float("-inf"), LN_2 * exponent_b)
+    shifted_a = base.to_natural * exponent_a
+    shifted_b = torch.where(same, float("-inf"), base.to_natural * exponent_b)
     proj = _project(shifted_a, shifted_b, e_a, e_b, e_rest, c_a, c_b, alpha)
     zero = torch.zeros((), dtype=work.dtype, device=work.device)
     log_tau = proj.tau.log()

@@ -15,6 +15,7 @@ from torch import Tensor
 from label_relaxation._closed_form import (
     LOG2_E,
     AlphaLike,
+    exp_base,
     log_alpha_terms,
     log_target_probability,
     relaxation_loss,
@@ -22,14 +23,14 @@ from label_relaxation._closed_form import (
 
 
 def _exp(shifted: Tensor) -> Tensor:
-    """``exp(shifted)``; under ``torch.compile`` as ``exp2(shifted·log2(e))``.
+    """``exp(shifted)``; under ``torch.compile``, where base 2 is cheaper, as ``exp2``.
 
-    Inductor fuses the scaling into the loop that computes the exponential, and its exp2 is
-    cheaper than its exp (``bench/exp2_vs_exp.py``); run eagerly, the scaling would be one more
-    full-size pass and buffer, which costs more than exp2 saves. Scaling the already shifted
-    logits keeps the rounding at eps·|z - m|, as with exp.
+    Inductor fuses the scaling ``shifted·log2(e)`` into the loop that computes the exponential;
+    whether its exp2 beats its exp depends on the CPU (``ExpBase``). Run eagerly, the scaling
+    would be one more full-size pass and buffer, which costs more than exp2 saves. Scaling the
+    already shifted logits keeps the rounding at eps·|z - m|, as with exp.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and exp_base(shifted.device).two:
         return torch.exp2(shifted * LOG2_E)
     return shifted.exp()
 
