@@ -365,20 +365,30 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _drop_no_cuda_runtime(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("No CUDA runtime is found")
+# Messages that say nothing about the benchmark, by logger: a CUDA build of torch on a machine
+# without a GPU ("No CUDA runtime is found, using CUDA_HOME=..."), and Dynamo tracing the
+# optimizer's profiler annotations in the compiled training step.
+_NOISE = {
+    "torch.utils.cpp_extension": "No CUDA runtime is found",
+    "torch._dynamo.variables.ctx_manager": "Profiler record function",
+}
 
 
-def _silence_cpu_only_warnings() -> None:
-    """Drop the one warning a CPU-only machine gets when Inductor first compiles.
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
 
-    ``torch.utils.cpp_extension`` logs "No CUDA runtime is found, using CUDA_HOME=..." when a
-    CUDA build of torch finds a CUDA toolkit folder but no GPU; it says nothing about the
-    benchmark. Other warnings stay.
-    """
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    if _drop_no_cuda_runtime not in logger.filters:
-        logger.addFilter(_drop_no_cuda_runtime)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _silence_benchmark_noise() -> None:
+    """Drop exactly the log lines in ``_NOISE``; other warnings stay."""
+    for name, prefix in _NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropPrefix(prefix))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -386,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
-        _silence_cpu_only_warnings()
+        _silence_benchmark_noise()
         return run_bench(args, parser)
     if args.command == "calibrate":
         return run_calibrate(args, parser)
