@@ -1,6 +1,6 @@
 """Markdown tables for the README and docs from the JSON of ``label-relaxation bench --json``.
 
-Run from the repository root: ``uv run python bench/tables.py docs/_static/bench-cpu.json``.
+Run from the repository root: ``uv run python bench/tables.py BENCH.json``.
 Prints, per shape, medians with the forward+backward range across rounds, ratios to eager
 cross-entropy, peak extra memory as a multiple of the logits' size, and compiled label
 relaxation against compiled cross-entropy; nothing is typed in by hand. ``--plot PATH`` also

@@ -580,21 +580,28 @@ def format_sweep_table(results: Sequence[ShapeResult]) -> str:
 def plot_sweep(results: Sequence[ShapeResult], path: str) -> None:
     """Each variant's time over eager cross-entropy's against the number of logits (log axis)."""
     plt = _pyplot()
-    ratios = [sweep_ratios(result) for result in results]
-    sizes = [math.prod(result.shape) for result in results]
+    ordered = sorted(results, key=lambda result: math.prod(result.shape))
+    ratios = [sweep_ratios(result) for result in ordered]
+    sizes = [math.prod(result.shape) for result in ordered]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for axis, suffix, title in ((axes[0], "", "forward+backward"), (axes[1], " fwd", "forward")):
-        names = [
-            name for name in ratios[0] if name.endswith(suffix) and (suffix or " fwd" not in name)
-        ]
+        names = [n for n in ratios[0] if n.endswith(suffix) and (suffix or " fwd" not in n)]
         for name in names:
             values = [r[name] if r[name] is not None else math.nan for r in ratios]
-            axis.plot(sizes, values, marker="o", label=name.removesuffix(suffix))
+            against_compiled = "/" in name
+            label = name.removesuffix(suffix)
+            axis.plot(
+                sizes,
+                values,
+                marker="o",
+                linestyle="--" if against_compiled else "-",
+                label=label if against_compiled else f"{label} / ce",
+            )
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_xscale("log")
         axis.set_xlabel("logits per call (N x C)")
         axis.set_title(title)
-    axes[0].set_ylabel("time / eager cross-entropy (same run)")
+    axes[0].set_ylabel("time ratio, medians of the same run")
     axes[0].legend(fontsize=8)
     figure.suptitle(f"label-relaxation bench --sweep (torch {torch.__version__})")
     figure.tight_layout()
