@@ -190,3 +190,37 @@ def test_inductor_module_token_level() -> None:
     torch.testing.assert_close(
         compiled(logits, target), criterion(logits, target), rtol=2e-6, atol=1e-7
     )
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0, 1e4])
+def test_compiled_kernel_matches_float64_reference(scale: float) -> None:
+    """What torch.compile runs (the closed form with its gradient written out) against the
+    explicit float64 projection, with the tolerances of tests/test_values.py."""
+    from tests.test_values import assert_matches_reference
+
+    logits = torch.randn(64, 33) * scale
+    logits[:4] = torch.tensor([1e3, -5e3, 3e4, 0.0])[:, None] + torch.randn(4, 33)
+    target = torch.randint(0, 33, (64,))
+
+    def fn(z: torch.Tensor) -> torch.Tensor:
+        return label_relaxation_loss(z, target, 0.1, reduction="none")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    leaf = logits.clone().requires_grad_()
+    loss = compiled(leaf)
+    loss.sum().backward()
+    assert leaf.grad is not None
+    assert_matches_reference(logits, target, 0.1, "compiled", loss.detach(), leaf.grad)
+
+
+def test_compiled_kernel_refuses_double_backward() -> None:
+    """No silent zero Hessian: compiled code refuses double backward with a clear error."""
+    compiled = torch.compile(
+        lambda z, y: label_relaxation_loss(z, y, 0.1), fullgraph=True, backend="aot_eager"
+    )
+    leaf = torch.randn(4, 5, requires_grad=True)
+    (grad,) = torch.autograd.grad(
+        compiled(leaf, torch.tensor([0, 1, 2, 3])), leaf, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.sum().backward()

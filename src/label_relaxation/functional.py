@@ -10,6 +10,7 @@ from torch import Tensor
 from label_relaxation import _small
 from label_relaxation import _validation as check
 from label_relaxation._closed_form import AlphaLike
+from label_relaxation._compiled import compiled_rows
 from label_relaxation._fused import apply_fused, compute_dtype, fused_rows, needs_gradient
 from label_relaxation._graph_checks import raise_if_invalid
 from label_relaxation._inplace import check_inplace_allowed
@@ -152,20 +153,37 @@ def is_transformed(logits: Tensor) -> bool:
     return torch.compiler.is_compiling() or check.functorch_active() or _is_dual(logits)
 
 
+def _needs_other_grad(rows: _Rows, weight: Tensor | None) -> bool:
+    """Whether alpha or the class weights need a gradient (the pure formulation's job)."""
+    alpha_grad = isinstance(rows.alpha, Tensor) and rows.alpha.requires_grad
+    return alpha_grad or (weight is not None and weight.requires_grad)
+
+
+def _use_compiled_kernel(rows: _Rows, weight: Tensor | None, implementation: str) -> bool:
+    """Under ``torch.compile`` alone: the closed form with its gradient written out.
+
+    See :mod:`label_relaxation._compiled`; transforms and second derivatives need the pure one.
+    """
+    return (
+        implementation == "auto"
+        and torch.compiler.is_compiling()
+        and not check.functorch_active()
+        and not _is_dual(rows.logits)
+        and not _needs_other_grad(rows, weight)
+    )
+
+
 def _use_fused(rows: _Rows, weight: Tensor | None, implementation: str) -> bool:
     """Pick the fused eager path where it is valid, else the pure formulation."""
     if implementation == "reference":
         return False
     transformed = is_transformed(rows.logits)
-    needs_other_grad = (isinstance(rows.alpha, Tensor) and rows.alpha.requires_grad) or (
-        weight is not None and weight.requires_grad
-    )
     if implementation == "fused" and transformed:
         raise RuntimeError(
             "implementation='fused' runs in plain eager mode only; under torch.compile, "
             "torch.func transforms or forward-mode AD use implementation='auto' or 'reference'"
         )
-    return not transformed and not needs_other_grad
+    return not transformed and not _needs_other_grad(rows, weight)
 
 
 def _small_alpha(alpha: AlphaLike, validate: bool) -> float | None:
@@ -384,6 +402,9 @@ def label_relaxation_loss(
 
         loss = apply_fused(rows.logits, kernel, reduce, inplace)
         return loss if reduce else loss.reshape(batch_shape)
+    if _use_compiled_kernel(rows, weight, implementation):
+        loss_rows = compiled_rows(rows.logits, rows.target, rows.alpha, rows.row_weight)
+        return loss_rows.sum() if reduce else loss_rows.reshape(batch_shape)
     counted = rows.row_weight != 0
     zero = torch.zeros((), dtype=rows.row_weight.dtype, device=rows.row_weight.device)
     # Rows that do not count (ignored, weight 0) are neutralised before any arithmetic, so that

@@ -1,0 +1,98 @@
+"""The path ``torch.compile`` traces: the closed form with its gradient ``w·(p - q)`` written out.
+
+Left to autograd, the pure formulation (:mod:`label_relaxation._reference`) makes Inductor carry
+the target logit through a second masked sum and neutralise ignored rows element by element in
+the forward pass, and the backward pass differentiates all of it. Here the forward pass reads
+the target logit with a gather, sums only the non-target mass with a mask (never ``1 - p_y``),
+and keeps per row the two numbers the gradient needs: ``w·(1 - alpha/r)/total`` for the
+off-target entries and ``w·(alpha - r)`` for the target. The backward pass recomputes
+``exp(z - m)`` in one fused pass, as compiled cross-entropy does.
+
+First-order only (``once_differentiable``); ``torch.func`` transforms, forward-mode AD, a
+gradient for alpha or the class weights, and ``implementation="reference"`` keep the pure
+formulation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from label_relaxation._closed_form import (
+    LOG2_E,
+    AlphaLike,
+    exp_base,
+    log_alpha_terms,
+    log_target_probability,
+    relaxation_loss,
+)
+
+
+def _shifted_exp(logits: Tensor, shift: Tensor) -> Tensor:
+    """``exp(z - m)`` in the compute dtype, as exp2 where that is the cheaper exponential."""
+    shifted = logits.to(shift.dtype) - shift
+    if exp_base(logits.device).two:
+        return torch.exp2(shifted * LOG2_E)
+    return shifted.exp()
+
+
+class CompiledLoss(torch.autograd.Function):
+    """Weighted loss rows of ``logits`` ``(N, C)``; backward writes ``g·w·(p - q)``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, logits: Tensor, target: Tensor, alpha: AlphaLike, row_weight: Tensor
+    ) -> Tensor:
+        """``target`` ``(N,)`` valid indices, ``row_weight`` ``(N,)`` (0: ignored, NaN: bad)."""
+        dtype = row_weight.dtype
+        shift = logits.amax(-1, keepdim=True).to(dtype)
+        # Rows of only -inf get shift 0; a +inf or NaN maximum stays and gives NaN.
+        shift = torch.where(torch.isneginf(shift), torch.zeros_like(shift), shift)
+        index = target.unsqueeze(-1)
+        target_shifted = (logits.gather(-1, index).to(dtype) - shift).squeeze(-1)
+        # int32 indices: Inductor's vector compare then takes one register per 16 logits, not two.
+        classes = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int32)
+        is_target = classes == index.to(torch.int32)
+        mass = _shifted_exp(logits, shift)
+        rest = torch.where(is_target, torch.zeros_like(mass), mass).sum(-1)
+        total = rest + target_shifted.exp()
+        r = rest / total
+        # Not `r > alpha`: that is False for NaN, and NaN logits must give NaN.
+        active = ~(r <= alpha)
+        log_total = total.log()
+        log_r = torch.where(active, rest, total).log() - log_total
+        log_p_target = log_target_probability(r, target_shifted, log_total)
+        log_alpha, log1m_alpha = log_alpha_terms(alpha)
+        loss = relaxation_loss(log_p_target, log_r, alpha, log_alpha, log1m_alpha)
+        zero = torch.zeros_like(loss)
+        # Ignored rows (weight 0) are exactly 0 whatever their logits hold; a NaN weight (an
+        # unchecked bad value) makes the row NaN.
+        keep = row_weight != 0
+        loss_rows = torch.where(keep, row_weight * torch.where(active, loss, zero), zero)
+        off_target = torch.where(
+            keep, row_weight * torch.where(active, (1 - alpha / r) / total, zero), zero
+        )
+        on_target = torch.where(keep, row_weight * torch.where(active, alpha - r, zero), zero)
+        ctx.save_for_backward(logits, shift, target, keep, off_target, on_target)
+        return loss_rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
+        """``g·w·(p - q)``: ``p_k·w·(1 - alpha/r)`` off the target, ``w·(alpha - r)`` at it."""
+        logits, shift, target, keep, off_target, on_target = ctx.saved_tensors
+        classes = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int32)
+        is_target = classes == target.unsqueeze(-1).to(torch.int32)
+        scaled = _shifted_exp(logits, shift) * (off_target * grad_rows).unsqueeze(-1)
+        grad = torch.where(is_target, (on_target * grad_rows).unsqueeze(-1), scaled)
+        grad = torch.where(keep.unsqueeze(-1), grad, torch.zeros_like(grad))
+        return grad.to(logits.dtype), None, None, None
+
+
+def compiled_rows(logits: Tensor, target: Tensor, alpha: AlphaLike, row_weight: Tensor) -> Tensor:
+    """Weighted loss per row through :class:`CompiledLoss` (see the module docstring)."""
+    loss: Tensor = CompiledLoss.apply(logits, target, alpha, row_weight)
+    return loss
