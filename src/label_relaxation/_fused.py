@@ -9,7 +9,8 @@ gradient, and skips even that when the incoming gradient is exactly 1 on the CPU
 are read once from memory and the gradient is written once.
 
 This path runs in plain eager mode only; :mod:`label_relaxation.functional` sends
-``torch.compile``, ``torch.func`` and forward-mode AD to the pure formulation instead.
+``torch.compile`` to :mod:`label_relaxation._compiled`, and ``torch.func`` and forward-mode AD
+to the pure formulation.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from label_relaxation._fused import apply_fused, compute_dtype, fused_rows, need
 from label_relaxation._graph_checks import raise_if_invalid
 from label_relaxation._inplace import check_inplace_allowed
 from label_relaxation._reference import reference_rows
-from label_relaxation._small import RowWeight, small_rows
+from label_relaxation._small import small_call
 from label_relaxation._validation import Reduction
 
 Implementation: TypeAlias = Literal["auto", "fused", "reference"]
@@ -186,109 +186,6 @@ def _use_fused(rows: _Rows, weight: Tensor | None, implementation: str) -> bool:
     return not transformed and not _needs_other_grad(rows, weight)
 
 
-def _small_alpha(alpha: AlphaLike, validate: bool) -> float | None:
-    """Alpha as a Python float for the small-input kernel, or ``None`` where it cannot serve.
-
-    A float, or a 0-d CPU tensor without grad (a module's buffer: reading it is free).
-    """
-    if not isinstance(alpha, Tensor):
-        check.check_alpha_float(alpha)
-        return float(alpha)
-    if alpha.dim() != 0 or alpha.device.type != "cpu" or alpha.requires_grad:
-        return None
-    check.check_alpha_tensor(alpha, torch.Size())
-    value = float(alpha)
-    if 0.0 < value < 1.0:
-        return value
-    if validate:
-        check.check_alpha_values(alpha)
-    return None  # unchecked: the general path turns it into NaN
-
-
-def _small_index(
-    target: Tensor, num_classes: int, ignore_index: int, validate: bool
-) -> tuple[Tensor, Tensor | None] | None:
-    """``(index, counted)`` of class-index targets, ``(N, 1)`` each, read and checked at once.
-
-    One ``aminmax`` decides the common case (every index in range and ``ignore_index`` outside
-    the range of values: ``counted`` is ``None``); only other batches look further.
-    ``None`` where an unchecked bad index must become NaN on the general path.
-    """
-    index = target.reshape(-1, 1)
-    low, high = (int(bound) for bound in torch.aminmax(index))
-    if low >= 0 and high < num_classes and not low <= ignore_index <= high:
-        return index.long(), None
-    counted = index != ignore_index
-    if not bool((counted <= ((index >= 0) & (index < num_classes))).all()):
-        if validate:
-            check.check_index_values(target, num_classes, ignore_index)
-        return None
-    return torch.where(counted, index, 0).long(), counted
-
-
-def _small_row_weight(
-    weight: Tensor | None,
-    counted: Tensor | None,
-    index: Tensor,
-    dtype: torch.dtype,
-    reduction: str,
-) -> tuple[RowWeight, Tensor | None]:
-    """``(row_weight, ignored)`` for the small-input kernel.
-
-    Without class weights and ignored rows every row shares one Python float (``1/N`` for the
-    mean), which the kernel folds into its constants; otherwise ``(N, 1)`` weights divided by
-    their sum for the mean, as ``nn.CrossEntropyLoss`` does (an all-ignored batch gives 0), and
-    the rows of weight 0, which the kernel zeroes whatever their logits hold.
-    """
-    compute = compute_dtype(dtype)
-    if weight is None:
-        if counted is None:
-            return (1.0 / index.shape[0] if reduction == "mean" else 1.0), None
-        row_weight = counted.to(compute)
-    else:
-        row_weight = weight.to(compute)[index]
-        if counted is not None:
-            row_weight = torch.where(counted, row_weight, 0.0)
-    if reduction == "mean":
-        total = float(row_weight.sum())
-        if total != 0:
-            row_weight = row_weight / total
-    return row_weight, row_weight == 0
-
-
-def _small_call(
-    logits: Tensor,
-    target: Tensor,
-    alpha: AlphaLike,
-    weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    validate: bool,
-) -> Tensor | None:
-    """The loss through the small-input kernel, or ``None`` where the general path must run.
-
-    Arguments were checked for type and shape; this covers eager CPU calls with class-index
-    targets, a scalar alpha and at most ``_small.SMALL_ELEMENTS`` logits.
-    """
-    num_classes = logits.shape[-1]
-    small_alpha = _small_alpha(alpha, validate)
-    indices = (
-        None if small_alpha is None else _small_index(target, num_classes, ignore_index, validate)
-    )
-    if small_alpha is None or indices is None:
-        return None
-    index, counted = indices
-    rows = logits.reshape(-1, num_classes)
-    row_weight, ignored = _small_row_weight(weight, counted, index, logits.dtype, reduction)
-
-    def kernel(grad_out: Tensor | None) -> Tensor:
-        return small_rows(rows, index, small_alpha, row_weight, ignored, grad_out).squeeze(-1)
-
-    reduce = reduction != "none"
-    loss = apply_fused(rows, kernel, reduce, inplace=False)
-    return loss if reduce else loss.reshape(logits.shape[:-1])
-
-
 def _small_applies(
     logits: Tensor, target: Tensor, weight: Tensor | None, inplace: bool, implementation: str
 ) -> bool:
@@ -345,8 +242,9 @@ def label_relaxation_loss(
         inplace: Opt-in for callers who do not need ``logits`` afterwards: the gradient is
             written into the logits' own storage, saving a full-size buffer. Refused where that
             would corrupt another gradient; ignored where the pure formulation runs.
-        implementation: ``"auto"`` (fused in plain eager mode, the pure formulation under
-            ``torch.compile``, ``torch.func`` transforms and forward-mode AD), ``"fused"`` or
+        implementation: ``"auto"`` (fused in plain eager mode; under ``torch.compile`` the
+            closed form with its gradient written out, first order only; the pure formulation
+            under ``torch.func`` transforms and forward-mode AD), ``"fused"`` or
             ``"reference"`` (pure formulation, differentiable to any order).
         validate: Check target and alpha values. In eager mode a bad value raises at once
             (this reads the values, which syncs a CUDA device); with ``validate=False``, and
@@ -387,7 +285,7 @@ def label_relaxation_loss(
     if check.check_target_kind(target, logits) and _small_applies(
         logits, target, weight, inplace, implementation
     ):
-        loss = _small_call(logits, target, alpha, weight, ignore_index, reduction, validate)
+        loss = small_call(logits, target, alpha, weight, ignore_index, reduction, validate)
         if loss is not None:
             return loss
     rows = _prepare(logits, target, alpha, weight, ignore_index, reduction, validate)
