@@ -140,17 +140,41 @@ def _function(loss: str, mode: str) -> tuple[Callable[..., Tensor], bool]:
 def _vmap_rows(loss: str, rows: int, classes: int) -> None:
     """Per-sample losses and gradients under vmap(grad): bad positions give NaN, others not."""
     logits = torch.randn(rows, classes)
-    target = torch.randint(0, classes, (rows,))
-    target[rows // 2] = classes + 9999
-    target[rows // 3] = -5
-    if loss != "index":
-        raise ValueError(f"vmap cases cover the index loss, got {loss!r}")
+    bad_rows = [rows // 3, rows // 2]
+    per_sample: Callable[..., Tensor]
+    if loss == "index":
+        target = torch.randint(0, classes, (rows,))
+        target[bad_rows[0]] = -5
+        target[bad_rows[1]] = classes + 9999
+        inputs: tuple[Tensor, ...] = (target,)
 
-    def per_sample(z: Tensor, t: Tensor) -> Tensor:
-        return lr.label_relaxation_loss(z, t, 0.1)
+        def per_sample(z: Tensor, t: Tensor) -> Tensor:
+            return lr.label_relaxation_loss(z, t, 0.1)
 
-    values = torch.func.vmap(per_sample)(logits, target)
-    grads = torch.func.vmap(torch.func.grad(per_sample))(logits, target)
+    elif loss == "soft":
+        target = torch.softmax(torch.randn(rows, classes), -1)
+        target[bad_rows[0], 0] = -0.5
+        target[bad_rows[1]] *= 1.01
+        inputs = (target,)
+
+        def per_sample(z: Tensor, t: Tensor) -> Tensor:
+            return lr.soft_label_relaxation_loss(z, t, 0.1)
+
+    elif loss == "mixup":
+        a = torch.randint(0, classes, (rows,))
+        b = torch.randint(0, classes, (rows,))
+        lam = torch.rand(rows)
+        a[bad_rows[0]] = classes + 9999
+        lam[bad_rows[1]] = 1.5
+        inputs = (a, b, lam)
+
+        def per_sample(z: Tensor, a_: Tensor, b_: Tensor, lam_: Tensor) -> Tensor:
+            return lr.mixup_label_relaxation_loss(z, a_, b_, lam_, 0.1)
+
+    else:
+        raise ValueError(f"no vmap cases for {loss!r}")
+    values = torch.func.vmap(per_sample)(logits, *inputs)
+    grads = torch.func.vmap(torch.func.grad(per_sample))(logits, *inputs)
     nan_rows = torch.isnan(values).nonzero().flatten().tolist()
     nan_grad_rows = torch.isnan(grads).any(-1).nonzero().flatten().tolist()
     print(json.dumps({"case": "vmap", "nan_rows": nan_rows, "nan_grad_rows": nan_grad_rows}))

@@ -388,3 +388,16 @@ def test_mixup_checks_a_tensor_alpha() -> None:
         mixup_label_relaxation_loss(logits, a, b, 0.5, alpha)
     loss = mixup_label_relaxation_loss(logits, a, b, 0.5, alpha, reduction="none", validate=False)
     assert torch.isnan(loss[1]) and bool(torch.isfinite(loss[[0, 2, 3]]).all())
+
+
+def test_unchecked_bad_row_gives_nan_loss_and_gradient() -> None:
+    """A bad target row is NaN in loss and gradient (never a silent zero gradient)."""
+    logits = torch.randn(3, 4, requires_grad=True)
+    target = torch.softmax(torch.randn(3, 4), -1)
+    target[1, 0] = -0.5
+    loss = soft_label_relaxation_loss(logits, target, 0.1, reduction="none", validate=False)
+    loss.sum().backward()
+    assert logits.grad is not None
+    assert torch.isnan(loss[1]) and bool(torch.isnan(logits.grad[1]).all())
+    assert bool(torch.isfinite(loss[[0, 2]]).all())
+    assert bool(torch.isfinite(logits.grad[[0, 2]]).all())

@@ -169,7 +169,9 @@ def soft_label_relaxation_loss(
     rows = soft_relaxation_rows(logits.to(dtype), safe_target, alpha)
     if weight is not None:
         rows = rows * (safe_target * weight.to(dtype)).sum(-1)
-    rows = torch.where(invalid, torch.nan, rows)
+    # A factor, not a where(): the gradient of a bad row must be NaN too, not a silent zero
+    # (per-sample gradients under torch.func would otherwise train on it unnoticed).
+    rows = rows * torch.where(invalid, torch.nan, 1.0)
     if reduction == "none":
         return rows
     total = rows.sum()
