@@ -96,9 +96,8 @@ def sweep_table(runs: list[dict[str, Any]]) -> str:
     results = [shape_results(run) for run in runs]
     for index, first in enumerate(results[0]):
         per_run = [benchmark.sweep_ratios(run[index]) for run in results]
-        ce_times = [
-            benchmark._duration(benchmark._median_of(run[index], "ce", "train")) for run in results
-        ]
+        ce_medians = [benchmark.median_of(run[index], "ce", "train") for run in results]
+        ce_times = [benchmark.format_duration(median) for median in ce_medians]
         cells = []
         for key, _ in SWEEP_COLUMNS:
             values = [ratios.get(key) for ratios in per_run]

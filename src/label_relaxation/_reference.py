@@ -1,10 +1,12 @@
 """Pure-function formulation of the loss: differentiable by autograd to any order.
 
 This path is made only of out-of-place, shape-static tensor operations (``where``, ``amax``,
-``sum``, ``exp``/``exp2``, ``log``). It is what ``torch.compile`` traces and Inductor fuses, what
-``torch.func`` transforms (``vmap``, ``grad``, ``jvp``, ``jacfwd``, ``hessian``) run, and the path
-for double backward. Its gradient is autograd's derivative of the closed form, which equals
-``p - q`` (the projection is the minimiser, so its own derivative drops out).
+``sum``, ``exp``/``exp2``, ``log``). It is what ``torch.func`` transforms (``vmap``, ``grad``,
+``jvp``, ``jacfwd``, ``hessian``) run, the path for double backward and for gradients with
+respect to alpha or the class weights, and what ``torch.compile`` traces for
+``implementation="reference"`` (otherwise it traces :mod:`label_relaxation._compiled`). Its
+gradient is autograd's derivative of the closed form, which equals ``p - q`` (the projection is
+the minimiser, so its own derivative drops out).
 """
 
 from __future__ import annotations

@@ -382,7 +382,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
     """A time with a unit that keeps three significant figures: 85.2 us, 1.23 ms, 301 ms."""
     if seconds is None:
         return "-"
@@ -434,9 +434,9 @@ def format_table(result: ShapeResult) -> str:
         rows.append(
             (
                 m.variant,
-                _duration(m.forward_median),
+                format_duration(m.forward_median),
                 _ratio(m.forward_median, base_fwd),
-                _duration(m.train_median),
+                format_duration(m.train_median),
                 _ratio(m.train_median, base_train),
                 _bandwidth(result.logits_bytes, m.forward_median),
                 # forward+backward must at least read the logits and write their gradient
@@ -526,7 +526,7 @@ def plot(results: Sequence[ShapeResult], path: str) -> None:
     plt.close(figure)
 
 
-def _median_of(result: ShapeResult, variant: str, kind: str) -> float | None:
+def median_of(result: ShapeResult, variant: str, kind: str) -> float | None:
     """Median ``kind`` ("forward" or "train") time of ``variant`` at one shape, if measured."""
     for m in result.measurements:
         if m.variant == variant and m.error is None:
@@ -542,13 +542,13 @@ def sweep_ratios(result: ShapeResult) -> dict[str, float | None]:
     """
     ratios: dict[str, float | None] = {}
     for kind, suffix in (("train", ""), ("forward", " fwd")):
-        base = _median_of(result, "ce", kind)
+        base = median_of(result, "ce", kind)
         for m in result.measurements:
-            value = _median_of(result, m.variant, kind)
+            value = median_of(result, m.variant, kind)
             if m.variant != "ce":
                 ratios[m.variant + suffix] = value / base if value and base else None
-        compiled_ce = _median_of(result, "ce-compiled", kind)
-        compiled_lr = _median_of(result, "lr-compiled", kind)
+        compiled_ce = median_of(result, "ce-compiled", kind)
+        compiled_lr = median_of(result, "lr-compiled", kind)
         ratios["lr-compiled/ce-compiled" + suffix] = (
             compiled_lr / compiled_ce if compiled_lr and compiled_ce else None
         )
@@ -566,8 +566,8 @@ def format_sweep_table(results: Sequence[ShapeResult]) -> str:
             [
                 "x".join(str(size) for size in result.shape),
                 f"{math.prod(result.shape):.3g}",
-                _duration(_median_of(result, "ce", "train")),
-                _duration(_median_of(result, "ce", "forward")),
+                format_duration(median_of(result, "ce", "train")),
+                format_duration(median_of(result, "ce", "forward")),
                 *("-" if ratios.get(c) is None else f"{ratios[c]:.2f}x" for c in columns),
             ]
         )

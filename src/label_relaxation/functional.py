@@ -69,10 +69,11 @@ def _prepare(
     reduction: str,
     validate: bool,
 ) -> _Rows:
-    """Check every argument and bring them to the canonical row form."""
-    num_classes = check.check_logits(logits)
-    check.check_reduction(reduction)
-    check.check_weight(weight, num_classes)
+    """Check the values and tensor arguments and bring them to the canonical row form.
+
+    ``logits``, ``reduction`` and ``weight`` were checked by the caller (metadata only).
+    """
+    num_classes = logits.shape[-1]
     batch_shape = logits.shape[:-1]
     dtype = compute_dtype(logits.dtype)
     eager_checks = validate and check.value_checks_allowed()
