@@ -15,7 +15,7 @@ formulation.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,6 +39,81 @@ def _shifted_exp(logits: Tensor, shift: Tensor) -> Tensor:
     return shifted.exp()
 
 
+class RowCoefficients(NamedTuple):
+    """What one pass over a block of logits leaves for the loss and its gradient, per row."""
+
+    loss: Tensor  # (N,) weighted loss rows
+    shift: Tensor  # (N, 1) the row maximum (0 for rows of only -inf), compute dtype
+    keep: Tensor  # (N,) bool, rows that count (weight != 0)
+    off_target: Tensor  # (N,) w·(1 - alpha/r)/total: multiplies exp(z_k - m) off the target
+    on_target: Tensor  # (N,) w·(alpha - r): the target's gradient entry
+
+
+def row_coefficients(
+    logits: Tensor, target: Tensor, alpha: AlphaLike, row_weight: Tensor
+) -> RowCoefficients:
+    """Loss rows and gradient coefficients of ``logits`` ``(N, C)``, in traceable operations.
+
+    ``target`` ``(N,)`` holds valid indices, ``row_weight`` ``(N,)`` (0: ignored, NaN: bad).
+    """
+    dtype = row_weight.dtype
+    shift = logits.amax(-1, keepdim=True).to(dtype)
+    # Rows of only -inf get shift 0; a +inf or NaN maximum stays and gives NaN.
+    shift = torch.where(torch.isneginf(shift), torch.zeros_like(shift), shift)
+    index = target.unsqueeze(-1)
+    target_shifted = (logits.gather(-1, index).to(dtype) - shift).squeeze(-1)
+    mass = _shifted_exp(logits, shift)
+    rest = torch.where(_is_target(logits, target), torch.zeros_like(mass), mass).sum(-1)
+    total = rest + target_shifted.exp()
+    r = rest / total
+    # Not `r > alpha`: that is False for NaN, and NaN logits must give NaN.
+    active = ~(r <= alpha)
+    log_total = total.log()
+    log_r = torch.where(active, rest, total).log() - log_total
+    log_p_target = log_target_probability(r, target_shifted, log_total)
+    log_alpha, log1m_alpha = log_alpha_terms(alpha)
+    loss = relaxation_loss(log_p_target, log_r, alpha, log_alpha, log1m_alpha)
+    zero = torch.zeros_like(loss)
+    # Ignored rows (weight 0) are exactly 0 whatever their logits hold; a NaN weight (an
+    # unchecked bad value) makes the row NaN.
+    keep = row_weight != 0
+    return RowCoefficients(
+        loss=torch.where(keep, row_weight * torch.where(active, loss, zero), zero),
+        shift=shift,
+        keep=keep,
+        off_target=torch.where(
+            keep, row_weight * torch.where(active, (1 - alpha / r) / total, zero), zero
+        ),
+        on_target=torch.where(keep, row_weight * torch.where(active, alpha - r, zero), zero),
+    )
+
+
+def _is_target(logits: Tensor, target: Tensor) -> Tensor:
+    """``(N, C)`` mask of each row's target class."""
+    # int32 indices: Inductor's vector compare then takes one register per 16 logits, not two.
+    classes = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int32)
+    return classes == target.unsqueeze(-1).to(torch.int32)
+
+
+def gradient_from_coefficients(
+    logits: Tensor,
+    target: Tensor,
+    coefficients: RowCoefficients,
+    row_scale: Tensor | None = None,
+) -> Tensor:
+    """``g·w·(p - q)`` of ``logits`` ``(N, C)`` in the compute dtype, ``g`` = ``row_scale`` or 1.
+
+    ``p_k·w·(1 - alpha/r)`` off the target and ``w·(alpha - r)`` at it, in one fused pass that
+    recomputes ``exp(z - m)``.
+    """
+    off_target, on_target = coefficients.off_target, coefficients.on_target
+    if row_scale is not None:
+        off_target, on_target = off_target * row_scale, on_target * row_scale
+    scaled = _shifted_exp(logits, coefficients.shift) * off_target.unsqueeze(-1)
+    grad = torch.where(_is_target(logits, target), on_target.unsqueeze(-1), scaled)
+    return torch.where(coefficients.keep.unsqueeze(-1), grad, torch.zeros_like(grad))
+
+
 class CompiledLoss(torch.autograd.Function):
     """Weighted loss rows of ``logits`` ``(N, C)``; backward writes ``g·w·(p - q)``."""
 
@@ -47,48 +122,24 @@ class CompiledLoss(torch.autograd.Function):
         ctx: Any, logits: Tensor, target: Tensor, alpha: AlphaLike, row_weight: Tensor
     ) -> Tensor:
         """``target`` ``(N,)`` valid indices, ``row_weight`` ``(N,)`` (0: ignored, NaN: bad)."""
-        dtype = row_weight.dtype
-        shift = logits.amax(-1, keepdim=True).to(dtype)
-        # Rows of only -inf get shift 0; a +inf or NaN maximum stays and gives NaN.
-        shift = torch.where(torch.isneginf(shift), torch.zeros_like(shift), shift)
-        index = target.unsqueeze(-1)
-        target_shifted = (logits.gather(-1, index).to(dtype) - shift).squeeze(-1)
-        # int32 indices: Inductor's vector compare then takes one register per 16 logits, not two.
-        classes = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int32)
-        is_target = classes == index.to(torch.int32)
-        mass = _shifted_exp(logits, shift)
-        rest = torch.where(is_target, torch.zeros_like(mass), mass).sum(-1)
-        total = rest + target_shifted.exp()
-        r = rest / total
-        # Not `r > alpha`: that is False for NaN, and NaN logits must give NaN.
-        active = ~(r <= alpha)
-        log_total = total.log()
-        log_r = torch.where(active, rest, total).log() - log_total
-        log_p_target = log_target_probability(r, target_shifted, log_total)
-        log_alpha, log1m_alpha = log_alpha_terms(alpha)
-        loss = relaxation_loss(log_p_target, log_r, alpha, log_alpha, log1m_alpha)
-        zero = torch.zeros_like(loss)
-        # Ignored rows (weight 0) are exactly 0 whatever their logits hold; a NaN weight (an
-        # unchecked bad value) makes the row NaN.
-        keep = row_weight != 0
-        loss_rows = torch.where(keep, row_weight * torch.where(active, loss, zero), zero)
-        off_target = torch.where(
-            keep, row_weight * torch.where(active, (1 - alpha / r) / total, zero), zero
+        coefficients = row_coefficients(logits, target, alpha, row_weight)
+        ctx.save_for_backward(
+            logits,
+            target,
+            coefficients.shift,
+            coefficients.keep,
+            coefficients.off_target,
+            coefficients.on_target,
         )
-        on_target = torch.where(keep, row_weight * torch.where(active, alpha - r, zero), zero)
-        ctx.save_for_backward(logits, shift, target, keep, off_target, on_target)
-        return loss_rows
+        return coefficients.loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
         """``g·w·(p - q)``: ``p_k·w·(1 - alpha/r)`` off the target, ``w·(alpha - r)`` at it."""
-        logits, shift, target, keep, off_target, on_target = ctx.saved_tensors
-        classes = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int32)
-        is_target = classes == target.unsqueeze(-1).to(torch.int32)
-        scaled = _shifted_exp(logits, shift) * (off_target * grad_rows).unsqueeze(-1)
-        grad = torch.where(is_target, (on_target * grad_rows).unsqueeze(-1), scaled)
-        grad = torch.where(keep.unsqueeze(-1), grad, torch.zeros_like(grad))
+        logits, target, shift, keep, off_target, on_target = ctx.saved_tensors
+        coefficients = RowCoefficients(grad_rows, shift, keep, off_target, on_target)
+        grad = gradient_from_coefficients(logits, target, coefficients, grad_rows)
         return grad.to(logits.dtype), None, None, None
 
 

@@ -124,10 +124,11 @@ def _masses(logits: Tensor, target: Tensor, work: Tensor, stats: _RowStatistics)
 
 def _write_gradient(
     work: Tensor, target: Tensor, stats: _RowStatistics, alpha: AlphaLike, row_weight: Tensor
-) -> None:
+) -> Tensor:
     """Turn the chunk's ``p'`` in ``work`` into ``w·(p - q)``, one more pass in cache.
 
     ``target``, ``row_weight``, a tensor ``alpha`` and the ``stats`` are the chunk's ``(R, 1)``.
+    Returns the ``(R, 1)`` mask of rows whose gradient may be nonzero (active and counted).
     """
     total = stats.rest + stats.target
     r = stats.rest / total
@@ -138,6 +139,7 @@ def _write_gradient(
     # multiplies last: 0 (ignored) gives exact zeros, NaN (an unchecked bad target) NaN.
     work.mul_(row_weight * torch.where(active, (1 - alpha / r) / total, 0.0))
     work.scatter_(-1, target, row_weight * torch.where(active, alpha - r, 0.0))
+    return active & (row_weight != 0)
 
 
 def _loss_from_statistics(stats: _RowStatistics, alpha: AlphaLike, row_weight: Tensor) -> Tensor:
@@ -208,11 +210,14 @@ def fused_rows(
     alpha: AlphaLike,
     row_weight: Tensor,
     grad_out: Tensor | None,
+    trains: Tensor | None = None,
 ) -> Tensor:
     """Weighted loss rows of ``logits`` ``(N, C)``; optionally write the gradient to ``grad_out``.
 
     ``grad_out`` is ``None`` (forward only: a single chunk-sized scratch buffer is reused),
-    a fresh ``(N, C)`` tensor, or ``logits`` itself (in-place mode).
+    a fresh ``(N, C)`` tensor, or ``logits`` itself (in-place mode). With a gradient, an
+    ``(N,)`` bool ``trains`` receives which rows have one that may be nonzero: the other rows'
+    gradients are exact zeros (inside the credal set, or not counted).
     """
     stats = _RowStatistics(
         *logits.new_empty((3, logits.shape[0], 1), dtype=compute_dtype(logits.dtype))
@@ -226,7 +231,11 @@ def fused_rows(
         _masses(logits[chunk], target[chunk], work, chunk_stats)
         if grad_out is not None:
             chunk_alpha = column_alpha[chunk] if isinstance(column_alpha, Tensor) else column_alpha
-            _write_gradient(work, target[chunk], chunk_stats, chunk_alpha, row_weight[chunk])
+            has_gradient = _write_gradient(
+                work, target[chunk], chunk_stats, chunk_alpha, row_weight[chunk]
+            )
+            if trains is not None:
+                trains[chunk] = has_gradient.squeeze(-1)
 
     for_each_chunk(logits, grad_out, step)
     if grad_out is not None:

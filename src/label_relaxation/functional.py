@@ -32,16 +32,15 @@ class _Rows(NamedTuple):
 
 
 def _safe_target(
-    logits: Tensor, target: Tensor, ignore_index: int, eager_checks: bool
+    num_classes: int, target: Tensor, ignore_index: int, eager_checks: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Return ``(index, counted, invalid)`` for an index or one-hot target of ``logits``.
+    """Return ``(index, counted, invalid)`` for an index or one-hot target of ``C`` classes.
 
     ``index`` is always a valid class (ignored and invalid entries become class 0), so no path
     ever reads out of range; ``counted`` marks positions that contribute; ``invalid`` marks
     positions whose target was bad when the eager checks could not run (else ``None``).
     """
-    num_classes = logits.shape[-1]
-    if check.check_target_kind(target, logits):
+    if not target.is_floating_point():
         if eager_checks:
             check.check_index_values(target, num_classes, ignore_index)
         counted = target != ignore_index
@@ -71,11 +70,48 @@ def _prepare(
 ) -> _Rows:
     """Check the values and tensor arguments and bring them to the canonical row form.
 
-    ``logits``, ``reduction`` and ``weight`` were checked by the caller (metadata only).
+    ``logits``, ``target``, ``reduction`` and ``weight`` were checked by the caller (metadata
+    only).
     """
     num_classes = logits.shape[-1]
-    batch_shape = logits.shape[:-1]
-    dtype = compute_dtype(logits.dtype)
+    targets = prepare_targets(
+        logits.shape[:-1],
+        num_classes,
+        compute_dtype(logits.dtype),
+        target,
+        alpha,
+        weight,
+        ignore_index,
+        reduction,
+        validate,
+    )
+    return _Rows(logits.reshape(-1, num_classes), *targets)
+
+
+class RowTargets(NamedTuple):
+    """Per-row target data of ``N`` flattened positions (the loss's inputs but the logits)."""
+
+    target: Tensor  # (N,) int64, every entry a valid class index
+    alpha: AlphaLike  # float, or (N,) tensor in the compute dtype
+    row_weight: Tensor  # (N,) weight of each row's loss, already divided by the mean's denominator
+
+
+def prepare_targets(
+    batch_shape: torch.Size,
+    num_classes: int,
+    dtype: torch.dtype,
+    target: Tensor,
+    alpha: AlphaLike,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    validate: bool,
+) -> RowTargets:
+    """Check target and alpha values and turn them into per-row data in the compute ``dtype``.
+
+    Shared by every loss over class logits ``batch_shape + (C,)``, materialised or not (the
+    fused linear loss). The target's type and shape were checked by the caller.
+    """
     eager_checks = validate and check.value_checks_allowed()
     alpha_input = alpha
     if isinstance(alpha, Tensor):
@@ -89,7 +125,7 @@ def _prepare(
     else:
         check.check_alpha_float(alpha)
         alpha = float(alpha)
-    index, counted, invalid = _safe_target(logits, target, ignore_index, eager_checks)
+    index, counted, invalid = _safe_target(num_classes, target, ignore_index, eager_checks)
     one_hot = target.is_floating_point()
 
     if weight is None:
@@ -125,7 +161,7 @@ def _prepare(
             # An all-ignored batch gives 0 (with zero gradient) rather than CE's 0/0 = nan.
             denominator = torch.where(total != 0, total, torch.ones_like(total))
         row_weight = row_weight / denominator
-    return _Rows(logits.reshape(-1, num_classes), index.reshape(-1), alpha, row_weight.reshape(-1))
+    return RowTargets(index.reshape(-1), alpha, row_weight.reshape(-1))
 
 
 def _graph_checks(target: Tensor, alpha: AlphaLike) -> list[tuple[str, Tensor]]:
