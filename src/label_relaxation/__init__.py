@@ -5,8 +5,10 @@ mode, ``torch.compile`` and ``torch.func``.
 """
 
 from label_relaxation.functional import label_relaxation_loss
+from label_relaxation.linear import linear_label_relaxation_loss
 from label_relaxation.modules import (
     LabelRelaxationLoss,
+    LinearLabelRelaxationLoss,
     MixupLabelRelaxationLoss,
     SoftLabelRelaxationLoss,
 )
@@ -14,9 +16,11 @@ from label_relaxation.soft import mixup_label_relaxation_loss, soft_label_relaxa
 
 __all__ = [
     "LabelRelaxationLoss",
+    "LinearLabelRelaxationLoss",
     "MixupLabelRelaxationLoss",
     "SoftLabelRelaxationLoss",
     "label_relaxation_loss",
+    "linear_label_relaxation_loss",
     "mixup_label_relaxation_loss",
     "soft_label_relaxation_loss",
 ]

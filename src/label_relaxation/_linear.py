@@ -205,6 +205,26 @@ def _none_if_empty(tensor: Tensor) -> Tensor | None:
     return None if tensor.numel() == 0 else tensor
 
 
+def _as_operator_outputs(grads: Gradients, input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return (
+        _empty_if_none(grads.input, input),
+        _empty_if_none(grads.weight, input),
+        _empty_if_none(grads.bias, input),
+    )
+
+
+def _fake_gradients(
+    wanted: list[bool], input: Tensor, weight: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Shapes of the gradient outputs for the compiler: empty where not wanted."""
+    fake = Gradients(
+        torch.empty_like(input) if wanted[0] else None,
+        torch.empty_like(weight) if wanted[1] else None,
+        torch.empty_like(bias) if wanted[2] and bias.numel() > 0 else None,
+    )
+    return _as_operator_outputs(fake, input)
+
+
 def _forward_gradients(
     problem: LinearProblem, block_rows: int, wanted: tuple[bool, bool, bool]
 ) -> tuple[Tensor, Tensor, Gradients]:
@@ -260,7 +280,7 @@ def _forward_op(
     loss, training, grads = _forward_gradients(
         problem, block_rows, (wanted[0], wanted[1], wanted[2])
     )
-    return loss, training, *(_empty_if_none(g, input) for g in grads)
+    return (loss, training, *_as_operator_outputs(grads, input))
 
 
 @_forward_op.register_fake
@@ -275,14 +295,9 @@ def _(
     block_rows: int,
     wanted: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dtype = row_weight.dtype
-    shapes_like = (input, weight, bias)
-    grads = (
-        torch.empty_like(like) if want and like.numel() > 0 else input.new_empty(0)
-        for want, like in zip(wanted, shapes_like, strict=True)
-    )
-    loss = row_weight.new_empty((), dtype=dtype)
-    return loss, target.new_empty((), dtype=torch.int64), *grads
+    loss = row_weight.new_empty(())
+    training = target.new_empty((), dtype=torch.int64)
+    return (loss, training, *_fake_gradients(wanted, input, weight, bias))
 
 
 @torch.library.custom_op("label_relaxation::linear_relaxation_rows", mutates_args=())
@@ -332,7 +347,7 @@ def _backward_op(
     problem = _problem(input, weight, bias, target, alpha, alpha_value, row_weight)
     want = (wanted[0], wanted[1], wanted[2])
     grads = _backward_gradients(problem, block_rows, want, grad_rows)
-    return tuple(_empty_if_none(g, input) for g in grads)  # type: ignore[return-value]
+    return _as_operator_outputs(grads, input)
 
 
 @_backward_op.register_fake
@@ -348,11 +363,7 @@ def _(
     wanted: list[bool],
     grad_rows: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    shapes_like = (input, weight, bias)
-    return tuple(  # type: ignore[return-value]
-        torch.empty_like(like) if want and like.numel() > 0 else input.new_empty(0)
-        for want, like in zip(wanted, shapes_like, strict=True)
-    )
+    return _fake_gradients(wanted, input, weight, bias)
 
 
 _DOUBLE_BACKWARD = (

@@ -232,6 +232,8 @@ def linear_label_relaxation_loss(
     problem = LinearProblem(input.reshape(-1, hidden), linear_weight, linear_bias, *targets)
     block_rows = chunk_size or default_block_rows(num_classes, input.device)
     reduce = reduction != "none"
+    loss: Tensor
+    training: Tensor
     loss, training = LinearLoss.apply(*problem, block_rows, reduce)
     if not reduce:
         loss = loss.reshape(batch_shape)

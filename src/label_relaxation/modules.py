@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from label_relaxation import _validation as check
 from label_relaxation._validation import Reduction
 from label_relaxation.functional import Implementation, label_relaxation_loss
+from label_relaxation.linear import linear_label_relaxation_loss
 from label_relaxation.soft import mixup_label_relaxation_loss, soft_label_relaxation_loss
 
 
@@ -233,4 +234,78 @@ class MixupLabelRelaxationLoss(_RelaxationModule):
             self._alpha_argument,
             weight=self.weight,
             reduction=self.reduction,
+        )
+
+
+class LinearLabelRelaxationLoss(_RelaxationModule):
+    """Output layer and criterion in one: :func:`~label_relaxation.linear_label_relaxation_loss`.
+
+    Mirrors ``nn.LinearCrossEntropyLoss`` (torch 2.15): it owns the output layer as
+    ``self.linear`` (an ``nn.Linear(in_features, num_classes)``) and computes the loss of its
+    logits against ``target`` without ever holding all of them. ``alpha`` schedules as in
+    :class:`LabelRelaxationLoss`, without recompiling a compiled model.
+
+    Args:
+        in_features: Size ``H`` of each input's last dimension.
+        num_classes: Number of classes ``V`` (the vocabulary of a language model).
+        alpha: Relaxation in the open interval (0, 1).
+        bias: Whether the output layer has a bias.
+        device: Device of the output layer's parameters.
+        dtype: Dtype of the output layer's parameters.
+        weight: Optional class weights of shape ``(V,)``.
+        ignore_index: Targets equal to this value contribute no loss and no gradient.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        chunk_size: Rows of logits per block (see the function).
+
+    Raises:
+        ValueError: ``alpha`` outside (0, 1), or an unknown ``reduction``.
+        TypeError: ``alpha`` is not a number or ``weight`` not a floating tensor.
+
+    Shape:
+        - input: ``(..., H)``.
+        - target: ``(...)`` class indices.
+        - output: ``()``, or ``(...)`` with ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from label_relaxation import LinearLabelRelaxationLoss
+        >>> head = LinearLabelRelaxationLoss(16, 100, alpha=0.1)
+        >>> hidden = torch.randn(2, 5, 16)
+        >>> target = torch.randint(0, 100, (2, 5))
+        >>> head(hidden, target).backward()
+        >>> head.linear.weight.grad.shape
+        torch.Size([100, 16])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        alpha: float = 0.1,
+        *,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(alpha, weight, reduction)
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """Compute the loss of ``self.linear(input)`` against ``target``."""
+        return linear_label_relaxation_loss(
+            input,
+            self.linear.weight,
+            target,
+            self._alpha_argument,
+            linear_bias=self.linear.bias,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
         )
