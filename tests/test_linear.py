@@ -15,12 +15,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from label_relaxation import (
     LinearLabelRelaxationLoss,
+    _linear,
     label_relaxation_loss,
     linear_label_relaxation_loss,
 )
 from tests.reference import expected_gradient, projected_kl
 
 H, V = 12, 40
+
+
+@pytest.fixture(autouse=True, params=["packed", "unpacked"])
+def packing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run each test with training rows packed before the products (as for H >= 256) and not."""
+    threshold = 0 if request.param == "packed" else 1 << 30
+    monkeypatch.setattr(_linear, "PACK_MIN_HIDDEN", threshold)
+    return str(request.param)
 
 
 def reference(

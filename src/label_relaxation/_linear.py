@@ -96,19 +96,30 @@ class Gradients(NamedTuple):
         return Gradients(self.input, weight, bias)
 
 
+# Rows are packed in this many pieces per block: each piece's copy goes through a temporary of
+# its size, so packing adds at most 1/8 of a block to the peak memory in a handful of calls.
+PACK_PIECES = 8
+# Below this many features a skipped row saves less product time than moving the others costs:
+# with H = 64 packing made half-inside batches slower (1.24x the all-outside time at
+# (512, 64, 2000)); with H = 256 and 1024 it made them faster.
+PACK_MIN_HIDDEN = 256
+
+
 def _pack_training_rows(block_grad: Tensor, trains: Tensor) -> Tensor | None:
     """Move the training rows of ``block_grad`` to its front, in place; return their indices.
 
-    ``None`` when every row trains (nothing to pack). The indices ascend, so each row moves to
-    a position at or before its own and is copied before anything overwrites it; one row at a
-    time costs microseconds next to a block's matrix products.
+    ``None`` when every row trains (nothing to pack). The indices ascend, so the rows of a
+    piece only come from positions at or after the piece's own, which no earlier piece has
+    overwritten.
     """
     index = trains.nonzero().squeeze(-1)
-    if index.numel() == trains.numel():
+    count = index.numel()
+    if count == trains.numel():
         return None
-    for position, row in enumerate(index.tolist()):
-        if position != row:
-            block_grad[position].copy_(block_grad[row])
+    piece = max(1, -(-count // PACK_PIECES))
+    for start in range(0, count, piece):
+        stop = min(start + piece, count)
+        block_grad[start:stop] = block_grad[index[start:stop]]
     return index
 
 
@@ -148,10 +159,11 @@ def accumulate_gradients(
 ) -> None:
     """Add one block's gradient ``block_grad`` (rows from ``start``) to ``grads``.
 
-    Training rows are packed on the CPU only: elsewhere finding them would wait for the device.
+    Training rows are packed on the CPU only (elsewhere finding them would wait for the device)
+    and only where the products are wide enough to pay for moving the rows.
     """
     block_input = problem.input[start : start + block_grad.shape[0]]
-    skip_rows = block_grad.device.type == "cpu"
+    skip_rows = block_grad.device.type == "cpu" and block_input.shape[1] >= PACK_MIN_HIDDEN
     _accumulate(grads, block_grad, block_input, problem.weight, trains, start, skip_rows)
 
 

@@ -259,24 +259,27 @@ def quiet_profiler() -> Iterator[None]:
                 sys.stderr.write("".join(kept))
 
 
-def _peak_extra_bytes(variant: Variant, base: Tensor, target: Tensor) -> int | None:
-    """Largest allocation above the starting point during one forward+backward."""
-    leaf = base.detach().requires_grad_()
-    logits = leaf.clone()
-    if base.device.type == "cuda":
-        torch.cuda.synchronize(base.device)
-        before = torch.cuda.memory_allocated(base.device)
-        torch.cuda.reset_peak_memory_stats(base.device)
-        variant.loss(logits, target).backward()  # type: ignore[no-untyped-call]
-        torch.cuda.synchronize(base.device)
-        return int(torch.cuda.max_memory_allocated(base.device) - before)
+def peak_allocated_bytes(call: Callable[[], object], device: torch.device) -> int | None:
+    """Largest amount allocated above the starting point while ``call()`` runs.
+
+    On CUDA the caching allocator's peak; on the CPU the allocator's events recorded by
+    ``torch.profiler`` (``profile_memory=True``), so the figure does not depend on how the C
+    library hands memory back to the system. ``None`` where the profiler records no events.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        call()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
     with (
         quiet_profiler(),
         torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
         ) as profiler,
     ):
-        variant.loss(logits, target).backward()  # type: ignore[no-untyped-call]
+        call()
     results = getattr(profiler.profiler, "kineto_results", None)
     if results is None:
         return None
@@ -287,6 +290,16 @@ def _peak_extra_bytes(variant: Variant, base: Tensor, target: Tensor) -> int | N
     )
     running = itertools.accumulate(nbytes for _, nbytes in events)
     return max(0, max(running, default=0))
+
+
+def _peak_extra_bytes(variant: Variant, base: Tensor, target: Tensor) -> int | None:
+    """Largest allocation above the starting point during one forward+backward."""
+    logits = base.detach().requires_grad_().clone()
+
+    def call() -> None:
+        variant.loss(logits, target).backward()  # type: ignore[no-untyped-call]
+
+    return peak_allocated_bytes(call, base.device)
 
 
 def _error_text(error: BaseException) -> str:

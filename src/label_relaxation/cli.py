@@ -13,11 +13,13 @@ from typing import Any
 
 import torch
 
-from label_relaxation import benchmark, training_step
+from label_relaxation import benchmark, linear_benchmark, training_step
+from label_relaxation.linear_benchmark import LINEAR_MODES
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHAPES = "2048x32000"
 DEFAULT_MODES = ",".join(benchmark.MODES)
+DEFAULT_LINEAR_SHAPES = "4096x32000"
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -38,12 +40,18 @@ def _shapes(text: str) -> list[tuple[int, ...]]:
     return [_shape(part) for part in text.split(",") if part.strip()]
 
 
-def _modes(text: str) -> list[str]:
-    modes = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [mode for mode in modes if mode not in benchmark.MODES]
-    if unknown or not modes:
-        raise argparse.ArgumentTypeError(
-            f"modes must be a comma-separated subset of {', '.join(benchmark.MODES)}; got {text!r}"
+def _mode_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _check_modes(
+    modes: list[str], known: Sequence[str], parser: argparse.ArgumentParser
+) -> list[str]:
+    """Exit with a usage error unless ``modes`` is a nonempty subset of ``known``."""
+    if not modes or any(mode not in known for mode in modes):
+        parser.error(
+            f"argument --modes: modes must be a comma-separated subset of {', '.join(known)}; "
+            f"got {','.join(modes)!r}"
         )
     return modes
 
@@ -115,9 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--alpha", type=_alpha, default=0.1, help="alpha (default 0.1)")
     bench.add_argument(
         "--modes",
-        type=_modes,
+        type=_mode_list,
         help=f"comma-separated variants (default: all of {DEFAULT_MODES}; with --sweep "
-        f"{','.join(benchmark.SWEEP_MODES)})",
+        f"{','.join(benchmark.SWEEP_MODES)}; with --hidden all of "
+        f"{','.join(LINEAR_MODES)})",
+    )
+    bench.add_argument(
+        "--hidden",
+        type=_positive_int("hidden"),
+        metavar="H",
+        help="benchmark the output layer fused with the loss instead: features (tokens, H) "
+        "through a (V, H) layer, --shapes as TOKENSxV (default "
+        f"{DEFAULT_LINEAR_SHAPES}), against matmul + cross-entropy, matmul + label relaxation "
+        "and PyTorch's chunked linear_cross_entropy, with peak memory, and the fused loss "
+        "with 25-90%% of the rows inside the credal set",
     )
     bench.add_argument(
         "--repeat",
@@ -292,10 +311,13 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if args.hidden is not None:
+        return run_linear_bench(args, parser, device, info, progress)
     if args.shapes is None:
         args.shapes = list(benchmark.SWEEP_SHAPES) if args.sweep else _shapes(DEFAULT_SHAPES)
     if args.modes is None:
-        args.modes = list(benchmark.SWEEP_MODES) if args.sweep else _modes(DEFAULT_MODES)
+        args.modes = list(benchmark.SWEEP_MODES) if args.sweep else _mode_list(DEFAULT_MODES)
+    _check_modes(args.modes, benchmark.MODES, parser)
     variants = benchmark.build_variants(args.alpha, args.modes)
     results = []
     for shape in args.shapes:
@@ -314,11 +336,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 warm_memory=not args.cold_memory,
             )
         )
-    print(
-        f"torch {info['torch']}, {info['processor']}, {info['cpu_count']} CPUs, "
-        f"{info['torch_threads']} torch threads, device {info['device']}"
-        + (f" ({info['gpu']})" if "gpu" in info else "")
-    )
+    print(_machine_line(info))
     print(
         f"THP_MEM_ALLOC_ENABLE={info['THP_MEM_ALLOC_ENABLE']}, "
         f"transparent_hugepage: {info['transparent_hugepage']}; alpha={args.alpha}; "
@@ -362,6 +380,78 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.plot:
         (benchmark.plot_sweep if args.sweep else benchmark.plot)(results, args.plot)
         progress(f"wrote {args.plot}")
+    return 0
+
+
+def _machine_line(info: dict[str, Any]) -> str:
+    return (
+        f"torch {info['torch']}, {info['processor']}, {info['cpu_count']} CPUs, "
+        f"{info['torch_threads']} torch threads, device {info['device']}"
+        + (f" ({info['gpu']})" if "gpu" in info else "")
+    )
+
+
+def run_linear_bench(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    device: torch.device,
+    info: dict[str, Any],
+    progress: Callable[[str], None],
+) -> int:
+    """``bench --hidden H``: the fused output layer + loss against the unfused and PyTorch's."""
+    if args.sweep or args.training_step or args.plot:
+        parser.error("--hidden cannot be combined with --sweep, --training-step or --plot")
+    shapes = args.shapes or _shapes(DEFAULT_LINEAR_SHAPES)
+    if any(len(shape) != 2 for shape in shapes):
+        parser.error("--hidden: --shapes must be TOKENSxV, like 4096x32000")
+    modes = _check_modes(args.modes or list(LINEAR_MODES), LINEAR_MODES, parser)
+    tables, results = [], []
+    for tokens, vocab in shapes:
+        progress(f"(tokens, H, V) = ({tokens}, {args.hidden}, {vocab}) {args.dtype} on {device}:")
+        torch.compiler.reset()
+        timings = linear_benchmark.measure_linear(
+            tokens,
+            args.hidden,
+            vocab,
+            alpha=args.alpha,
+            dtype=_DTYPES[args.dtype],
+            device=device,
+            repeat=args.repeat,
+            modes=modes,
+            progress=progress,
+        )
+        tables.append(linear_benchmark.format_linear_table(timings, (tokens, args.hidden, vocab)))
+        results.append(
+            {
+                "shape": [tokens, args.hidden, vocab],
+                "timings": linear_benchmark.linear_json(timings),
+            }
+        )
+    print(_machine_line(info))
+    print(
+        f"THP_MEM_ALLOC_ENABLE={info['THP_MEM_ALLOC_ENABLE']}; {args.dtype}; alpha={args.alpha}; "
+        f"medians of {args.repeat} calls back to back after an untimed one; extra memory: "
+        "peak allocated during one forward+backward, less the returned gradients"
+    )
+    for table in tables:
+        print()
+        print(table)
+    if args.json:
+        report = {
+            "machine": info,
+            "settings": {
+                "hidden": args.hidden,
+                "dtype": args.dtype,
+                "alpha": args.alpha,
+                "modes": modes,
+                "repeat": args.repeat,
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            },
+            "results": results,
+        }
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+        progress(f"wrote {args.json}")
     return 0
 
 

@@ -1,0 +1,230 @@
+"""Benchmark of the fused output layer + loss (``label-relaxation bench --hidden H``).
+
+Variants, all forward+backward of ``(tokens, H)`` features through a ``(V, H)`` output layer:
+
+* ``matmul-ce``: ``F.cross_entropy(F.linear(x, W), y)``, the full logits materialised;
+* ``matmul-lr``: ``label_relaxation_loss(F.linear(x, W), y)``;
+* ``torch-chunked``: ``F.linear_cross_entropy(..., options=nn.LinearCrossEntropyOptions())``,
+  PyTorch's own chunked fused cross-entropy;
+* ``fused``: :func:`~label_relaxation.linear_label_relaxation_loss`;
+* ``fused-compiled``: the same inside ``torch.compile(fullgraph=True)``.
+
+Peak memory is measured in one untimed call, by the allocator's records
+(:func:`label_relaxation.benchmark.peak_allocated_bytes`), less the gradients the call returns.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from label_relaxation.benchmark import peak_allocated_bytes
+from label_relaxation.functional import label_relaxation_loss
+from label_relaxation.linear import linear_label_relaxation_loss
+
+LINEAR_MODES = ("matmul-ce", "matmul-lr", "torch-chunked", "fused", "fused-compiled")
+INSIDE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)
+# Rows inside the credal set get features along their target's weight row, scaled so that the
+# target's logit leads the rest by this much: far inside the set for any alpha >= 1e-3 and a
+# vocabulary up to ~1e6 classes.
+INSIDE_MARGIN = 40.0
+
+
+@dataclass
+class LinearTiming:
+    """Forward+backward times of one variant at one fraction of rows inside the credal set."""
+
+    mode: str
+    inside: float
+    seconds: list[float] = field(default_factory=list)
+    peak_extra_bytes: int | None = None
+    training_fraction: float | None = None
+
+    @property
+    def median(self) -> float:
+        """Median time in seconds."""
+        return statistics.median(self.seconds)
+
+
+def make_problem(
+    tokens: int,
+    hidden: int,
+    vocab: int,
+    *,
+    inside: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Features ``(tokens, H)``, weight ``(V, H)`` and targets, a fraction ``inside`` in the set.
+
+    The other rows have random features: their target class gets about ``1/V`` of the mass.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden, generator=generator) / hidden**0.5
+    target = torch.randint(0, vocab, (tokens,), generator=generator)
+    features = torch.randn(tokens, hidden, generator=generator)
+    count = round(inside * tokens)
+    rows = torch.randperm(tokens, generator=generator)[:count]
+    direction = weight[target[rows]]
+    features[rows] = INSIDE_MARGIN * direction / direction.norm(dim=1, keepdim=True) ** 2
+    return (
+        features.to(device, dtype).requires_grad_(),
+        weight.to(device, dtype).requires_grad_(),
+        target.to(device),
+    )
+
+
+def build_linear_variants(alpha: float) -> dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    """The benchmarked callables ``(x, W, y) -> loss``, by mode."""
+
+    def fused(x: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+        return linear_label_relaxation_loss(x, weight, target, alpha)
+
+    return {
+        "matmul-ce": lambda x, weight, target: F.cross_entropy(F.linear(x, weight), target),
+        "matmul-lr": lambda x, weight, target: label_relaxation_loss(
+            F.linear(x, weight), target, alpha
+        ),
+        "torch-chunked": lambda x, weight, target: F.linear_cross_entropy(
+            x, weight, target, options=torch.nn.LinearCrossEntropyOptions()
+        ),
+        "fused": fused,
+        "fused-compiled": torch.compile(fused, fullgraph=True),
+    }
+
+
+def _gradient_bytes(*tensors: Tensor) -> int:
+    return sum(t.grad.numel() * t.grad.element_size() for t in tensors if t.grad is not None)
+
+
+LinearFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _call(function: LinearFn, problem: tuple[Tensor, Tensor, Tensor]) -> None:
+    x, weight, target = problem
+    x.grad = weight.grad = None
+    function(x, weight, target).backward()  # type: ignore[no-untyped-call]
+
+
+def _timed_call(function: LinearFn, problem: tuple[Tensor, Tensor, Tensor]) -> float:
+    begin = time.perf_counter()
+    _call(function, problem)
+    if problem[0].device.type == "cuda":
+        torch.cuda.synchronize(problem[0].device)
+    return time.perf_counter() - begin
+
+
+def _peak_extra(function: LinearFn, problem: tuple[Tensor, Tensor, Tensor]) -> int | None:
+    """Peak allocation of one call less the gradients it returns (none exist before it)."""
+    x, weight, _ = problem
+    x.grad = weight.grad = None
+    peak = peak_allocated_bytes(lambda: _call(function, problem), x.device)
+    return None if peak is None else peak - _gradient_bytes(x, weight)
+
+
+def _training_fraction(alpha: float, problem: tuple[Tensor, Tensor, Tensor]) -> float:
+    x, weight, target = problem
+    with torch.no_grad():
+        _, fraction = linear_label_relaxation_loss(
+            x, weight, target, alpha, return_training_fraction=True
+        )
+    return float(fraction)
+
+
+def measure_linear(
+    tokens: int,
+    hidden: int,
+    vocab: int,
+    *,
+    alpha: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    repeat: int,
+    modes: list[str],
+    fractions: tuple[float, ...] = INSIDE_FRACTIONS,
+    progress: Callable[[str], None] = lambda message: None,
+) -> list[LinearTiming]:
+    """Time every mode with all rows outside the set, then ``fused`` at each fraction inside.
+
+    Each variant runs one untimed call (compiling, first-touch allocations), one call whose
+    allocations are recorded, then ``repeat`` timed calls back to back, as the steps of a
+    training loop follow each other.
+    """
+    variants = build_linear_variants(alpha)
+    runs = [(mode, 0.0) for mode in modes]
+    runs += [("fused", inside) for inside in fractions if inside > 0 and "fused" in modes]
+    timings = []
+    for mode, inside in runs:
+        problem = make_problem(tokens, hidden, vocab, inside=inside, dtype=dtype, device=device)
+        timing = LinearTiming(mode, inside, training_fraction=_training_fraction(alpha, problem))
+        _call(variants[mode], problem)  # compiles, touches fresh memory
+        timing.peak_extra_bytes = _peak_extra(variants[mode], problem)
+        timing.seconds = [_timed_call(variants[mode], problem) for _ in range(repeat)]
+        progress(
+            f"  {mode:15s} inside {inside:4.0%}: {timing.median * 1e3:9.1f} ms, extra "
+            f"{_mib(timing.peak_extra_bytes)}"
+        )
+        timings.append(timing)
+    return timings
+
+
+def _mib(size: int | None) -> str:
+    return "n/a" if size is None else f"{size / 2**20:.1f} MiB"
+
+
+def format_linear_table(timings: list[LinearTiming], shape: tuple[int, int, int]) -> str:
+    """Markdown tables: variants with all rows outside the set, then the fused loss by fraction."""
+    tokens, hidden, vocab = shape
+    outside = {t.mode: t for t in timings if t.inside == 0}
+    lines = [
+        f"(tokens, H, V) = ({tokens}, {hidden}, {vocab}); logits would be "
+        f"{tokens * vocab * 4 / 2**20:.0f} MiB in float32; every row outside the credal set",
+        "",
+        "| variant | median fwd+bwd | extra memory | time / fused | time / torch-chunked |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    fused = outside.get("fused")
+    chunked = outside.get("torch-chunked")
+    for mode, timing in outside.items():
+        to_fused = f"{timing.median / fused.median:.2f}x" if fused else ""
+        to_chunked = f"{timing.median / chunked.median:.2f}x" if chunked else ""
+        lines.append(
+            f"| {mode} | {timing.median * 1e3:.0f} ms | {_mib(timing.peak_extra_bytes)} | "
+            f"{to_fused} | {to_chunked} |"
+        )
+    sweep = [t for t in timings if t.mode == "fused"]
+    if fused and len(sweep) > 1:
+        lines += [
+            "",
+            "| rows inside the set | training fraction | median fwd+bwd | time / all outside |",
+            "|---:|---:|---:|---:|",
+        ]
+        for timing in sweep:
+            lines.append(
+                f"| {timing.inside:.0%} | {timing.training_fraction:.2f} | "
+                f"{timing.median * 1e3:.0f} ms | {timing.median / fused.median:.2f}x |"
+            )
+    return "\n".join(lines)
+
+
+def linear_json(timings: list[LinearTiming]) -> list[dict[str, Any]]:
+    """Raw timings for ``--json``."""
+    return [
+        {
+            "mode": t.mode,
+            "inside": t.inside,
+            "seconds": t.seconds,
+            "median_s": t.median,
+            "peak_extra_bytes": t.peak_extra_bytes,
+            "training_fraction": t.training_fraction,
+        }
+        for t in timings
+    ]
