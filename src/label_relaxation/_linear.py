@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from label_relaxation._closed_form import AlphaLike
+from label_relaxation._compiled import gradient_from_coefficients
 from label_relaxation._fused import compute_dtype, fused_rows
 
 # CPU: 16 MiB of float32 logits per block. The products then have at least about 100 rows for a
@@ -53,6 +54,10 @@ class LinearProblem(NamedTuple):
     target: Tensor  # (N,) int64, valid class indices
     alpha: AlphaLike  # float, or (N,) in the compute dtype
     row_weight: Tensor  # (N,) compute dtype, divided by the mean's denominator
+    # Vocabulary parallelism: `weight` holds classes [vocab_start, vocab_start + V_local) of the
+    # group named `group_name` ("": not split).
+    vocab_start: int = 0
+    group_name: str = ""
 
     def block_logits(self, rows: slice) -> Tensor:
         """Logits of ``rows`` in the compute dtype (half-precision products, as ``F.linear``)."""
@@ -171,6 +176,8 @@ def _block(
     problem: LinearProblem, rows: slice, row_weight: Tensor, grads: Gradients | None
 ) -> tuple[Tensor, Tensor]:
     """Loss rows of one block and its training rows; accumulate the block's gradient."""
+    if problem.group_name:
+        return _sharded_block(problem, rows, row_weight, grads)
     logits = problem.block_logits(rows)
     target, alpha = problem.target[rows], problem.block_alpha(rows)
     if grads is None:
@@ -181,6 +188,28 @@ def _block(
     loss = fused_rows(logits, target, alpha, row_weight, logits, trains)
     accumulate_gradients(grads, logits, problem, trains, rows.start)
     return loss, trains
+
+
+def _sharded_block(
+    problem: LinearProblem, rows: slice, row_weight: Tensor, grads: Gradients | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`_block` for a weight split along the classes: row statistics all-reduced."""
+    # Imported here: torch.distributed is not needed (nor always built) elsewhere.
+    from label_relaxation._vocab_parallel import vocab_parallel_coefficients
+
+    logits = problem.block_logits(rows)
+    local_target = problem.target[rows] - problem.vocab_start
+    held = (local_target >= 0) & (local_target < logits.shape[-1])
+    local_target = torch.where(held, local_target, -1)
+    coefficients = vocab_parallel_coefficients(
+        logits, local_target, held, problem.block_alpha(rows), row_weight, problem.group_name
+    )
+    trains = (coefficients.off_target != 0) | (coefficients.on_target != 0)
+    if grads is not None:
+        block_grad = gradient_from_coefficients(logits, local_target, coefficients)
+        del logits
+        accumulate_gradients(grads, block_grad, problem, trains, rows.start)
+    return coefficients.loss, trains
 
 
 def run_blocks(
@@ -205,6 +234,12 @@ def run_blocks(
         block_loss, block_trains = _block(problem, rows, row_weight[rows], grads)
         losses.append(block_loss)
         trains.append(block_trains)
+    if problem.group_name and grads is not None and grads.input is not None:
+        import torch.distributed._functional_collectives as funcol
+
+        # The input is replicated: its gradient is the sum of every rank's classes' share.
+        group: Any = problem.group_name
+        grads.input.copy_(funcol.all_reduce(grads.input, "sum", group))
     return torch.cat(losses), torch.cat(trains).sum()
 
 
@@ -270,9 +305,14 @@ def _problem(
     alpha: Tensor,
     alpha_value: float,
     row_weight: Tensor,
+    vocab_start: int,
+    group_name: str,
 ) -> LinearProblem:
     alpha_like: AlphaLike = alpha if alpha.numel() > 0 else alpha_value
-    return LinearProblem(input, weight, _none_if_empty(bias), target, alpha_like, row_weight)
+    bias_or_none = _none_if_empty(bias)
+    return LinearProblem(
+        input, weight, bias_or_none, target, alpha_like, row_weight, vocab_start, group_name
+    )
 
 
 @torch.library.custom_op("label_relaxation::linear_relaxation_forward", mutates_args=())
@@ -284,11 +324,15 @@ def _forward_op(
     alpha: Tensor,
     alpha_value: float,
     row_weight: Tensor,
+    vocab_start: int,
+    group_name: str,
     block_rows: int,
     wanted: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Summed loss, training rows and the three gradients (empty where not wanted)."""
-    problem = _problem(input, weight, bias, target, alpha, alpha_value, row_weight)
+    problem = _problem(
+        input, weight, bias, target, alpha, alpha_value, row_weight, vocab_start, group_name
+    )
     loss, training, grads = _forward_gradients(
         problem, block_rows, (wanted[0], wanted[1], wanted[2])
     )
@@ -304,6 +348,8 @@ def _(
     alpha: Tensor,
     alpha_value: float,
     row_weight: Tensor,
+    vocab_start: int,
+    group_name: str,
     block_rows: int,
     wanted: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -321,10 +367,14 @@ def _rows_op(
     alpha: Tensor,
     alpha_value: float,
     row_weight: Tensor,
+    vocab_start: int,
+    group_name: str,
     block_rows: int,
 ) -> tuple[Tensor, Tensor]:
     """Loss rows and training rows, forward only."""
-    problem = _problem(input, weight, bias, target, alpha, alpha_value, row_weight)
+    problem = _problem(
+        input, weight, bias, target, alpha, alpha_value, row_weight, vocab_start, group_name
+    )
     return run_blocks(problem, block_rows, None)
 
 
@@ -337,6 +387,8 @@ def _(
     alpha: Tensor,
     alpha_value: float,
     row_weight: Tensor,
+    vocab_start: int,
+    group_name: str,
     block_rows: int,
 ) -> tuple[Tensor, Tensor]:
     return torch.empty_like(row_weight), target.new_empty((), dtype=torch.int64)
@@ -351,12 +403,16 @@ def _backward_op(
     alpha: Tensor,
     alpha_value: float,
     row_weight: Tensor,
+    vocab_start: int,
+    group_name: str,
     block_rows: int,
     wanted: list[bool],
     grad_rows: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The three gradients of ``Σ grad_rows·loss_rows`` (empty where not wanted)."""
-    problem = _problem(input, weight, bias, target, alpha, alpha_value, row_weight)
+    problem = _problem(
+        input, weight, bias, target, alpha, alpha_value, row_weight, vocab_start, group_name
+    )
     want = (wanted[0], wanted[1], wanted[2])
     grads = _backward_gradients(problem, block_rows, want, grad_rows)
     return _as_operator_outputs(grads, input)
@@ -371,6 +427,8 @@ def _(
     alpha: Tensor,
     alpha_value: float,
     row_weight: Tensor,
+    vocab_start: int,
+    group_name: str,
     block_rows: int,
     wanted: list[bool],
     grad_rows: Tensor,
@@ -400,6 +458,8 @@ def _operator_arguments(problem: LinearProblem) -> tuple[Any, ...]:
         alpha_tensor,
         alpha_value,
         problem.row_weight,
+        problem.vocab_start,
+        problem.group_name,
     )
 
 
@@ -420,11 +480,15 @@ class LinearLoss(torch.autograd.Function):
         target: Tensor,
         alpha: AlphaLike,
         row_weight: Tensor,
+        vocab_start: int,
+        group_name: str,
         block_rows: int,
         reduce: bool,
     ) -> tuple[Tensor, Tensor]:
         """Return the loss (summed when ``reduce``) and the number of training rows."""
-        problem = LinearProblem(input, weight, bias, target, alpha, row_weight)
+        problem = LinearProblem(
+            input, weight, bias, target, alpha, row_weight, vocab_start, group_name
+        )
         wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         ctx.block_rows, ctx.reduce, ctx.wanted = block_rows, reduce, wanted
         ctx.set_materialize_grads(False)
@@ -444,6 +508,7 @@ class LinearLoss(torch.autograd.Function):
             else:
                 loss, training = run_blocks(problem, block_rows, None)
             ctx.alpha = None if isinstance(alpha, Tensor) else alpha
+            ctx.vocab_start, ctx.group_name = vocab_start, group_name
             alpha_tensor = alpha if isinstance(alpha, Tensor) else None
             ctx.save_for_backward(input, weight, bias, target, alpha_tensor, row_weight)
         ctx.mark_non_differentiable(training)
@@ -452,7 +517,7 @@ class LinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor | None, _: Tensor | None) -> tuple[Tensor | None, ...]:
         """Scale the stored gradients, or (no reduction) compute them with row scales."""
-        none = (None,) * 5
+        none = (None,) * 7
         if grad_loss is None:
             return (None, None, None, *none)
         if torch.is_grad_enabled():
@@ -466,7 +531,9 @@ class LinearLoss(torch.autograd.Function):
             return (*(None if g is None else g * grad_loss.to(g.dtype) for g in saved), *none)
         input, weight, bias, target, alpha_tensor, row_weight = ctx.saved_tensors
         alpha = ctx.alpha if alpha_tensor is None else alpha_tensor
-        problem = LinearProblem(input, weight, bias, target, alpha, row_weight)
+        problem = LinearProblem(
+            input, weight, bias, target, alpha, row_weight, ctx.vocab_start, ctx.group_name
+        )
         if torch.compiler.is_compiling():
             op_grads = _backward_op(
                 *_operator_arguments(problem), ctx.block_rows, list(ctx.wanted), grad_loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Literal, NamedTuple, TypeAlias
 
 import torch
@@ -171,6 +172,12 @@ def _graph_checks(target: Tensor, alpha: AlphaLike) -> list[tuple[str, Tensor]]:
     return checks
 
 
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a DTensor: possible once ``torch.distributed.tensor`` is loaded."""
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    return dtensor_module is not None and isinstance(tensor, dtensor_module.DTensor)
+
+
 def _is_dual(tensor: Tensor) -> bool:
     """Whether ``tensor`` carries a forward-mode AD tangent."""
     dual = torch.autograd.forward_ad.unpack_dual(tensor)  # type: ignore[no-untyped-call]
@@ -265,7 +272,11 @@ def label_relaxation_loss(
 
     Args:
         logits: Unnormalised scores, class dimension last. Any floating dtype; float16 and
-            bfloat16 are computed in float32.
+            bfloat16 are computed in float32. A ``DTensor`` sharded on the class dimension
+            (tensor parallelism) is reduced across its ranks without gathering it, and the
+            result is a replicated ``DTensor`` (see
+            :func:`label_relaxation.distributed.vocab_parallel_label_relaxation_loss`;
+            ``inplace`` and ``implementation`` do not apply).
         target: Class indices (any integer dtype) of shape ``logits.shape[:-1]``, or an exactly
             one-hot floating tensor of the logits' shape.
         alpha: Relaxation in the open interval (0, 1): a float, or a tensor broadcastable to
@@ -316,6 +327,18 @@ def label_relaxation_loss(
         tensor([0., 0., 0.])
     """
     check_implementation(implementation)
+    if is_dtensor(logits):
+        from label_relaxation.distributed import dtensor_label_relaxation_loss
+
+        return dtensor_label_relaxation_loss(  # type: ignore[no-any-return]
+            logits,
+            target,
+            alpha,
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            validate=validate,
+        )
     num_classes = check.check_logits(logits)
     check.check_reduction(reduction)
     check.check_weight(weight, num_classes)

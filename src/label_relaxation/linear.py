@@ -17,6 +17,7 @@ from label_relaxation._fused import compute_dtype
 from label_relaxation._linear import LinearLoss, LinearProblem, default_block_rows
 from label_relaxation._validation import Reduction
 from label_relaxation.functional import (
+    is_dtensor,
     is_transformed,
     label_relaxation_loss,
     prepare_targets,
@@ -195,6 +196,22 @@ def linear_label_relaxation_loss(
         >>> hidden.grad.shape, head.weight.grad.shape
         (torch.Size([2, 5, 16]), torch.Size([100, 16]))
     """
+    if is_dtensor(linear_weight):
+        from label_relaxation.distributed import dtensor_linear_label_relaxation_loss
+
+        return dtensor_linear_label_relaxation_loss(  # type: ignore[no-any-return]
+            input,
+            linear_weight,
+            target,
+            alpha,
+            linear_bias=linear_bias,
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            validate=validate,
+            return_training_fraction=return_training_fraction,
+        )
     _check_arguments(input, linear_weight, linear_bias, target, chunk_size)
     num_classes = int(linear_weight.shape[0])
     check.check_reduction(reduction)
@@ -216,6 +233,44 @@ def linear_label_relaxation_loss(
             reduction=reduction,
             validate=validate,
         )
+    return fused_linear_loss(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        alpha,
+        num_classes=num_classes,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        validate=validate,
+        return_training_fraction=return_training_fraction,
+    )
+
+
+def fused_linear_loss(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    alpha: float | Tensor,
+    *,
+    num_classes: int,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: Reduction,
+    chunk_size: int | None,
+    validate: bool,
+    return_training_fraction: bool,
+    vocab_start: int = 0,
+    group_name: str = "",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The fused kernel on checked arguments; ``linear_weight`` may hold a slice of the classes.
+
+    With ``group_name``, ``linear_weight`` holds the classes ``[vocab_start, vocab_start +
+    V_local)`` of ``num_classes``, split across that process group.
+    """
     batch_shape = input.shape[:-1]
     targets = prepare_targets(
         batch_shape,
@@ -229,8 +284,15 @@ def linear_label_relaxation_loss(
         validate,
     )
     hidden = input.shape[-1]
-    problem = LinearProblem(input.reshape(-1, hidden), linear_weight, linear_bias, *targets)
-    block_rows = chunk_size or default_block_rows(num_classes, input.device)
+    problem = LinearProblem(
+        input.reshape(-1, hidden),
+        linear_weight,
+        linear_bias,
+        *targets,
+        vocab_start=vocab_start,
+        group_name=group_name,
+    )
+    block_rows = chunk_size or default_block_rows(int(linear_weight.shape[0]), input.device)
     reduce = reduction != "none"
     loss: Tensor
     training: Tensor

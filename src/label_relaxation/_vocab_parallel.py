@@ -1,0 +1,142 @@
+"""Kernel of the loss over logits split along the classes across ranks (tensor parallelism).
+
+Each rank holds the logits of every row for its own slice of the classes. The closed form needs
+per row only the maximum, the non-target mass, the target's mass and the target's shifted logit
+(:mod:`label_relaxation._closed_form`), so the forward pass makes two all-reduces of a few
+numbers per row: the maximum, then the three sums, stacked into one tensor. Every rank then
+holds the same loss rows, and computes the gradient of its own slice, ``w·(p - q)``, locally:
+the backward pass communicates nothing.
+
+The collectives are PyTorch's functional collectives, which ``torch.compile`` traces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor
+
+from label_relaxation._closed_form import (
+    AlphaLike,
+    log_alpha_terms,
+    log_target_probability,
+    relaxation_loss,
+)
+from label_relaxation._compiled import RowCoefficients, gradient_from_coefficients
+
+
+def _global_statistics(
+    local_logits: Tensor, local_target: Tensor, held: Tensor, dtype: torch.dtype, group: Any
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(shift, rest, target_mass, target_shifted)`` of every row over all ranks.
+
+    ``local_target`` ``(N,)`` is the target's index in this rank's slice where ``held``, and -1
+    elsewhere; ``shift`` is ``(N, 1)``, the others ``(N,)``.
+    """
+    local_max = local_logits.amax(-1).to(dtype)
+    shift = funcol.all_reduce(local_max, "max", group)
+    # Rows of only -inf get shift 0; a +inf or NaN maximum stays and gives NaN.
+    shift = torch.where(torch.isneginf(shift), torch.zeros_like(shift), shift).unsqueeze(-1)
+    safe = torch.where(held, local_target, 0).unsqueeze(-1)
+    target_shifted = torch.where(
+        held, (local_logits.gather(-1, safe).to(dtype) - shift).squeeze(-1), 0.0
+    )
+    mass = (local_logits.to(dtype) - shift).exp()
+    classes = torch.arange(local_logits.shape[-1], device=local_logits.device, dtype=torch.int32)
+    is_target = classes == local_target.to(torch.int32).unsqueeze(-1)
+    # The non-target mass summed directly, never as total - target.
+    rest = torch.where(is_target, torch.zeros_like(mass), mass).sum(-1)
+    target_mass = torch.where(held, target_shifted.exp(), 0.0)
+    sums = funcol.all_reduce(torch.stack([rest, target_mass, target_shifted]), "sum", group)
+    return shift, sums[0], sums[1], sums[2]
+
+
+def vocab_parallel_coefficients(
+    local_logits: Tensor,
+    local_target: Tensor,
+    held: Tensor,
+    alpha: AlphaLike,
+    row_weight: Tensor,
+    group: Any,
+) -> RowCoefficients:
+    """Loss rows (the same on every rank) and the gradient coefficients of this rank's slice."""
+    shift, rest, target_mass, target_shifted = _global_statistics(
+        local_logits, local_target, held, row_weight.dtype, group
+    )
+    total = rest + target_mass
+    r = rest / total
+    # Not `r > alpha`: that is False for NaN, and NaN logits must give NaN.
+    active = ~(r <= alpha)
+    log_total = total.log()
+    log_r = torch.where(active, rest, total).log() - log_total
+    log_p_target = log_target_probability(r, target_shifted, log_total)
+    log_alpha, log1m_alpha = log_alpha_terms(alpha)
+    loss = relaxation_loss(log_p_target, log_r, alpha, log_alpha, log1m_alpha)
+    zero = torch.zeros_like(loss)
+    keep = row_weight != 0
+    return RowCoefficients(
+        loss=torch.where(keep, row_weight * torch.where(active, loss, zero), zero),
+        shift=shift,
+        keep=keep,
+        off_target=torch.where(
+            keep, row_weight * torch.where(active, (1 - alpha / r) / total, zero), zero
+        ),
+        on_target=torch.where(keep, row_weight * torch.where(active, alpha - r, zero), zero),
+    )
+
+
+class VocabParallelLoss(torch.autograd.Function):
+    """Loss rows of class-sharded logits; the forward pass keeps the local gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        local_logits: Tensor,
+        local_target: Tensor,
+        held: Tensor,
+        alpha: AlphaLike,
+        row_weight: Tensor,
+        group: Any,
+    ) -> Tensor:
+        """``local_logits`` ``(N, C_local)``; returns the weighted loss rows ``(N,)``."""
+        coefficients = vocab_parallel_coefficients(
+            local_logits, local_target, held, alpha, row_weight, group
+        )
+        grad = gradient_from_coefficients(local_logits, local_target, coefficients)
+        ctx.save_for_backward(grad.to(local_logits.dtype))
+        return coefficients.loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
+        """Scale each row of the stored local gradient: no communication."""
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "label_relaxation: the vocabulary-parallel loss supports first-order reverse "
+                "mode only (no create_graph=True)"
+            )
+        (grad,) = ctx.saved_tensors
+        return grad * grad_rows.unsqueeze(-1).to(grad.dtype), None, None, None, None, None
+
+
+def vocab_parallel_rows(
+    local_logits: Tensor,
+    target: Tensor,
+    vocab_start: int,
+    alpha: AlphaLike,
+    row_weight: Tensor,
+    group: dist.ProcessGroup,
+) -> Tensor:
+    """Weighted loss rows of ``local_logits`` ``(N, C_local)`` holding classes from ``vocab_start``.
+
+    ``target`` ``(N,)`` holds valid global class indices (the same on every rank).
+    """
+    local_target = target - vocab_start
+    held = (local_target >= 0) & (local_target < local_logits.shape[-1])
+    local_target = torch.where(held, local_target, -1)
+    loss: Tensor = VocabParallelLoss.apply(
+        local_logits, local_target, held, alpha, row_weight, group
+    )
+    return loss
