@@ -10,8 +10,8 @@ Variants, forward+backward:
 * ``lr-gather``: the logits gathered on every rank (``full_tensor()``), then the loss.
 
 Bytes communicated: the payload of every collective a rank issues during one step (the input
-tensors of all-reduces and all-gathers), counted by a dispatch mode; a ring all-reduce of ``b``
-bytes sends about ``2·b·(w-1)/w`` bytes per rank on the wire.
+tensor of each all-reduce or all-gather), counted with ``CommDebugMode``; a ring all-reduce of
+``b`` bytes sends about ``2·b·(w-1)/w`` bytes per rank on the wire.
 """
 
 from __future__ import annotations
@@ -28,36 +28,36 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.distributed.tensor.debug import CommDebugMode
 
 from label_relaxation import label_relaxation_loss
 
-COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "c10d")
 
-
-class CollectiveBytes(TorchDispatchMode):
-    """Sums the bytes of the tensors handed to collectives (``wait_tensor`` excluded)."""
+class CollectiveBytes(CommDebugMode):
+    """``CommDebugMode`` that also sums the bytes of the first tensor each collective gets."""
 
     def __init__(self) -> None:
         super().__init__()
         self.bytes = 0
-        self.calls = 0
+
+    @property
+    def calls(self) -> int:
+        return sum(self.get_comm_counts().values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        namespace = func.namespace
-        name = func.__name__
-        if namespace in COLLECTIVE_NAMESPACES and "wait" not in name and "barrier" not in name:
-            self.calls += 1
-            for value in args:
-                values = value if isinstance(value, (list, tuple)) else [value]
-                for tensor in values:
-                    if isinstance(tensor, torch.Tensor):
-                        self.bytes += tensor.numel() * tensor.element_size()
-                        break
-                else:
-                    continue
-                break
-        return func(*args, **(kwargs or {}))
+        before = self.calls
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.calls > before:
+            self.bytes += _first_tensor_bytes(args)
+        return out
+
+
+def _first_tensor_bytes(args: tuple[Any, ...]) -> int:
+    for value in args:
+        for tensor in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(tensor, torch.Tensor):
+                return tensor.numel() * tensor.element_size()
+    return 0
 
 
 def variants(mesh: Any) -> dict[str, Callable[[Any, torch.Tensor], Any]]:
