@@ -213,3 +213,54 @@ def test_training_step_benchmark_eager() -> None:
     assert all(len(t.seconds) == 2 and t.median > 0 for t in timings)
     text = training_step.format_training_steps(timings)
     assert "label relaxation  eager" in text and "1.00x" in text
+
+
+def test_hidden_benchmarks_the_fused_linear_loss(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "linear.json"
+    code = main(
+        [
+            "bench",
+            "--hidden",
+            "32",
+            "--shapes",
+            "64x50",
+            "--repeat",
+            "2",
+            "--modes",
+            "matmul-lr,torch-chunked,fused",
+            "--json",
+            str(path),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| fused | " in out and "| torch-chunked | " in out
+    assert "| 50% | 0.50 |" in out  # half the rows inside the set: half still train
+    data = json.loads(path.read_text())
+    assert data["settings"]["hidden"] == 32
+    timings = data["results"][0]["timings"]
+    assert [t["mode"] for t in timings][:3] == ["matmul-lr", "torch-chunked", "fused"]
+    for timing in timings:
+        assert len(timing["seconds"]) == 2
+        assert timing["median_s"] == statistics.median(timing["seconds"])
+    inside = {t["inside"]: t["training_fraction"] for t in timings if t["mode"] == "fused"}
+    assert inside == {0.0: 1.0, 0.25: 0.75, 0.5: 0.5, 0.75: 0.25, 0.9: pytest.approx(0.09375)}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shapes", "2x3x4"], "--shapes must be TOKENSxV"),
+        (["--modes", "lr"], "modes must be a comma-separated subset of matmul-ce"),
+        (["--sweep"], "--hidden cannot be combined"),
+    ],
+)
+def test_hidden_argument_errors(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--hidden", "8", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from label_relaxation._closed_form import AlphaLike
-from label_relaxation._compiled import gradient_from_coefficients
 from label_relaxation._fused import compute_dtype, fused_rows
 
 # CPU: 16 MiB of float32 logits per block. The products then have at least about 100 rows for a
@@ -195,20 +194,25 @@ def _sharded_block(
 ) -> tuple[Tensor, Tensor]:
     """:func:`_block` for a weight split along the classes: row statistics all-reduced."""
     # Imported here: torch.distributed is not needed (nor always built) elsewhere.
-    from label_relaxation._vocab_parallel import vocab_parallel_coefficients
+    from label_relaxation._vocab_parallel import eager_vocab_parallel
 
     logits = problem.block_logits(rows)
     local_target = problem.target[rows] - problem.vocab_start
     held = (local_target >= 0) & (local_target < logits.shape[-1])
     local_target = torch.where(held, local_target, -1)
-    coefficients = vocab_parallel_coefficients(
-        logits, local_target, held, problem.block_alpha(rows), row_weight, problem.group_name
+    # The gradient overwrites the block's logits, as in the single-process kernel.
+    coefficients = eager_vocab_parallel(
+        logits,
+        local_target,
+        held,
+        problem.block_alpha(rows),
+        row_weight,
+        problem.group_name,
+        logits,
     )
     trains = (coefficients.off_target != 0) | (coefficients.on_target != 0)
     if grads is not None:
-        block_grad = gradient_from_coefficients(logits, local_target, coefficients)
-        del logits
-        accumulate_gradients(grads, block_grad, problem, trains, rows.start)
+        accumulate_gradients(grads, logits, problem, trains, rows.start)
     return coefficients.loss, trains
 
 

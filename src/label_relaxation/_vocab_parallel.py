@@ -54,18 +54,15 @@ def _global_statistics(
     return shift, sums[0], sums[1], sums[2]
 
 
-def vocab_parallel_coefficients(
-    local_logits: Tensor,
-    local_target: Tensor,
-    held: Tensor,
+def _coefficients_from_sums(
+    shift: Tensor,
+    rest: Tensor,
+    target_mass: Tensor,
+    target_shifted: Tensor,
     alpha: AlphaLike,
     row_weight: Tensor,
-    group: Any,
 ) -> RowCoefficients:
-    """Loss rows (the same on every rank) and the gradient coefficients of this rank's slice."""
-    shift, rest, target_mass, target_shifted = _global_statistics(
-        local_logits, local_target, held, row_weight.dtype, group
-    )
+    """Loss rows and gradient coefficients from the all-reduced row statistics."""
     total = rest + target_mass
     r = rest / total
     # Not `r > alpha`: that is False for NaN, and NaN logits must give NaN.
@@ -88,6 +85,61 @@ def vocab_parallel_coefficients(
     )
 
 
+def vocab_parallel_coefficients(
+    local_logits: Tensor,
+    local_target: Tensor,
+    held: Tensor,
+    alpha: AlphaLike,
+    row_weight: Tensor,
+    group: Any,
+) -> RowCoefficients:
+    """Loss rows (the same on every rank) and the gradient coefficients of this rank's slice."""
+    statistics = _global_statistics(local_logits, local_target, held, row_weight.dtype, group)
+    return _coefficients_from_sums(*statistics, alpha, row_weight)
+
+
+def eager_vocab_parallel(
+    local_logits: Tensor,
+    local_target: Tensor,
+    held: Tensor,
+    alpha: AlphaLike,
+    row_weight: Tensor,
+    group: Any,
+    work: Tensor,
+) -> RowCoefficients:
+    """The eager kernel: statistics, loss rows, and the local gradient written into ``work``.
+
+    ``work`` ``(N, C_local)`` in the compute dtype may alias ``local_logits`` (the fused linear
+    loss owns its block of logits). Passes over the slice: the maximum, the exponential, the
+    sum and the gradient's scaling, with no buffer but ``work``: in eager mode every fresh
+    full-size temporary costs page faults on top of its pass.
+    """
+    dtype = work.dtype
+    shift = funcol.all_reduce(local_logits.amax(-1).to(dtype), "max", group)
+    shift = torch.where(torch.isneginf(shift), torch.zeros_like(shift), shift).unsqueeze(-1)
+    safe = torch.where(held, local_target, 0).unsqueeze(-1)
+    held_column = held.unsqueeze(-1)
+    # Read before `work` (which may alias the logits) is overwritten.
+    target_shifted = torch.where(
+        held, (local_logits.gather(-1, safe).to(dtype) - shift).squeeze(-1), 0.0
+    )
+    torch.sub(local_logits, shift, out=work).exp_()
+    # The target's entry set to 0 where this rank holds it (elsewhere column 0 is rewritten
+    # with its own value), so the sum is the non-target mass, never total - target.
+    work.scatter_(-1, safe, torch.where(held_column, 0.0, work.gather(-1, safe)))
+    target_mass = torch.where(held, target_shifted.exp(), 0.0)
+    sums = funcol.all_reduce(torch.stack([work.sum(-1), target_mass, target_shifted]), "sum", group)
+    coefficients = _coefficients_from_sums(shift, sums[0], sums[1], sums[2], alpha, row_weight)
+    work.mul_(coefficients.off_target.unsqueeze(-1))
+    on_target = coefficients.on_target.unsqueeze(-1)
+    work.scatter_(-1, safe, torch.where(held_column, on_target, work.gather(-1, safe)))
+    # Rows that do not count may hold garbage (NaN, inf) that a zero coefficient keeps.
+    dropped = ~coefficients.keep
+    if work.device.type != "cpu" or bool(dropped.any()):
+        work.masked_fill_(dropped.unsqueeze(-1), 0.0)
+    return coefficients
+
+
 class VocabParallelLoss(torch.autograd.Function):
     """Loss rows of class-sharded logits; the forward pass keeps the local gradient."""
 
@@ -102,10 +154,17 @@ class VocabParallelLoss(torch.autograd.Function):
         group: Any,
     ) -> Tensor:
         """``local_logits`` ``(N, C_local)``; returns the weighted loss rows ``(N,)``."""
-        coefficients = vocab_parallel_coefficients(
-            local_logits, local_target, held, alpha, row_weight, group
-        )
-        grad = gradient_from_coefficients(local_logits, local_target, coefficients)
+        if torch.compiler.is_compiling():
+            # Traceable operations, which Inductor fuses.
+            coefficients = vocab_parallel_coefficients(
+                local_logits, local_target, held, alpha, row_weight, group
+            )
+            grad = gradient_from_coefficients(local_logits, local_target, coefficients)
+        else:
+            grad = torch.empty_like(local_logits, dtype=row_weight.dtype)
+            coefficients = eager_vocab_parallel(
+                local_logits, local_target, held, alpha, row_weight, group, grad
+            )
         ctx.save_for_backward(grad.to(local_logits.dtype))
         return coefficients.loss
 
