@@ -1,9 +1,10 @@
 """Kernel of the loss over logits split along the classes across ranks (tensor parallelism).
 
 Each rank holds the logits of every row for its own slice of the classes. The closed form needs
-per row only the maximum, the non-target mass, the target's mass and the target's shifted logit
-(:mod:`label_relaxation._closed_form`), so the forward pass makes two all-reduces of a few
-numbers per row: the maximum, then the three sums, stacked into one tensor. Every rank then
+per row only the maximum, the non-target mass and the target's shifted logit (its mass is the
+exponential of that; :mod:`label_relaxation._closed_form`), so the forward pass makes two
+all-reduces of a few numbers per row: the maximum, then the two sums, stacked into one tensor
+(the rank that holds a row's target contributes its shifted logit, the others 0). Every rank then
 holds the same loss rows, and computes the gradient of its own slice, ``w·(p - q)``, locally:
 the backward pass communicates nothing.
 
@@ -49,9 +50,9 @@ def _global_statistics(
     is_target = classes == local_target.to(torch.int32).unsqueeze(-1)
     # The non-target mass summed directly, never as total - target.
     rest = torch.where(is_target, torch.zeros_like(mass), mass).sum(-1)
-    target_mass = torch.where(held, target_shifted.exp(), 0.0)
-    sums = funcol.all_reduce(torch.stack([rest, target_mass, target_shifted]), "sum", group)
-    return shift, sums[0], sums[1], sums[2]
+    # One rank holds each target: the sum of the shifted target logits is that rank's value.
+    sums = funcol.all_reduce(torch.stack([rest, target_shifted]), "sum", group)
+    return shift, sums[0], sums[1].exp(), sums[1]
 
 
 def _coefficients_from_sums(

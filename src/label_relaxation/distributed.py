@@ -67,7 +67,7 @@ def vocab_parallel_label_relaxation_loss(
     Rank ``i`` holds the logits of every position for the classes ``[vocab_start, vocab_start +
     local_logits.shape[-1])``; together the slices cover ``num_classes`` classes. The result
     equals :func:`~label_relaxation.label_relaxation_loss` of the concatenated logits, on every
-    rank. The forward pass makes two all-reduces of ``N`` and ``3·N`` numbers (``N``
+    rank. The forward pass makes two all-reduces of ``N`` and ``2·N`` numbers (``N``
     positions), the backward pass none: each rank's gradient is that of its own slice.
 
     Args:
