@@ -128,9 +128,11 @@ def eager_vocab_parallel(
     # The target's entry set to 0 where this rank holds it (elsewhere column 0 is rewritten
     # with its own value), so the sum is the non-target mass, never total - target.
     work.scatter_(-1, safe, torch.where(held_column, 0.0, work.gather(-1, safe)))
-    target_mass = torch.where(held, target_shifted.exp(), 0.0)
-    sums = funcol.all_reduce(torch.stack([work.sum(-1), target_mass, target_shifted]), "sum", group)
-    coefficients = _coefficients_from_sums(shift, sums[0], sums[1], sums[2], alpha, row_weight)
+    # One rank holds each target: the sum of the shifted target logits is that rank's value.
+    sums = funcol.all_reduce(torch.stack([work.sum(-1), target_shifted]), "sum", group)
+    coefficients = _coefficients_from_sums(
+        shift, sums[0], sums[1].exp(), sums[1], alpha, row_weight
+    )
     work.mul_(coefficients.off_target.unsqueeze(-1))
     on_target = coefficients.on_target.unsqueeze(-1)
     work.scatter_(-1, safe, torch.where(held_column, on_target, work.gather(-1, safe)))
