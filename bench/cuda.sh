@@ -5,7 +5,7 @@
 # Nothing can be installed there, so this uses that machine's own python3 and torch with the
 # package from src/ (PYTHONPATH), and states the torch version it ran with. Results go to
 # $OUT (the device tool's folder that comes back) or ./bench-cuda. BENCH_DEVICE=cpu (with small
-# BENCH_CUDA_SHAPES) dry-runs the script on a machine without a GPU.
+# BENCH_CUDA_SHAPES and BENCH_CUDA_LINEAR_SHAPES) dry-runs the script on a machine without a GPU.
 set -uo pipefail
 out=${OUT:-bench-cuda}
 device=${BENCH_DEVICE:-cuda}
@@ -28,3 +28,8 @@ for dtype in float32 bfloat16; do
     python3 -m label_relaxation bench --device "$device" --dtype "$dtype" --shapes "$shapes" \
         --repeat "$repeat" --json "$out/bench-$device-$dtype.json" 2>&1 | tee "$out/bench-$dtype.txt"
 done
+# The output layer fused with the loss (docs/language-models.md): against matmul + cross-entropy,
+# matmul + label relaxation and PyTorch's chunked linear_cross_entropy, with the allocator's peak.
+linear_shapes=${BENCH_CUDA_LINEAR_SHAPES:-8192x128256}
+python3 -m label_relaxation bench --device "$device" --hidden 4096 --shapes "$linear_shapes" \
+    --repeat 5 --json "$out/bench-linear-$device.json" 2>&1 | tee "$out/bench-linear.txt"

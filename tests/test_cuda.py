@@ -130,3 +130,23 @@ def test_inductor_on_cuda_matches_eager() -> None:
         results.append((loss.detach(), leaf.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_loss_on_cuda_matches_the_unfused_loss(reduction: str) -> None:
+    from label_relaxation import linear_label_relaxation_loss
+
+    x = torch.randn(300, 64, device=CUDA, requires_grad=True)
+    weight = torch.randn(5003, 64, device=CUDA, requires_grad=True)
+    target = torch.randint(0, 5003, (300,), device=CUDA)
+    grad_out = torch.rand(300, device=CUDA) if reduction == "none" else torch.ones((), device=CUDA)
+    fused = linear_label_relaxation_loss(x, weight, target, 0.1, reduction=reduction, chunk_size=64)
+    fused_grads = torch.autograd.grad(fused, (x, weight), grad_out)
+    unfused = label_relaxation_loss(
+        torch.nn.functional.linear(x.double(), weight.double()), target, 0.1, reduction=reduction
+    )
+    unfused_grads = torch.autograd.grad(unfused, (x, weight), grad_out.double())
+    torch.testing.assert_close(fused.double(), unfused, rtol=1e-5, atol=1e-6)
+    for ours, expected in zip(fused_grads, unfused_grads, strict=True):
+        scale = expected.abs().max()
+        assert (ours.double() - expected).abs().max() <= 1e-5 * scale
