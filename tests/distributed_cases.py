@@ -380,7 +380,13 @@ CASES: dict[str, Callable[[int, int], dict[str, Any]]] = {
 def worker(rank: int, world: int, init_file: str, out_dir: str, cases: list[str]) -> None:
     """Entry point of each spawned rank: run ``cases`` and save what they measured."""
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    init(rank, world, init_file)
+    try:
+        init(rank, world, init_file)
+    except Exception:
+        # Setting up the process group (gloo connecting every pair of ranks over TCP) is the
+        # test machine's part, not the code under test: the test process may try once more.
+        (Path(out_dir) / f"init-failed-{rank}").touch()
+        raise
     try:
         for name in cases:
             torch.save(CASES[name](rank, world), Path(out_dir) / f"{name}-{rank}.pt")

@@ -28,7 +28,22 @@ RELATIVE = 1e-6
 
 
 def run_ranks(tmp_path: Path, world: int, cases: list[str], timeout: float) -> list[dict[str, Any]]:
-    """Spawn ``world`` ranks running ``cases``; return each case's results by rank."""
+    """Spawn ``world`` ranks running ``cases``; return each case's results by rank.
+
+    A failure to set up the process group itself is retried once, in a fresh folder; any other
+    failure of a rank fails the test.
+    """
+    try:
+        return _spawn(tmp_path / "first", world, cases, timeout)
+    except mp.ProcessRaisedException:
+        if not list((tmp_path / "first").glob("init-failed-*")):
+            raise
+        return _spawn(tmp_path / "second", world, cases, timeout)
+
+
+def _spawn(folder: Path, world: int, cases: list[str], timeout: float) -> list[dict[str, Any]]:
+    folder.mkdir()
+    tmp_path = folder
     init_file = tmp_path / "init"
     context = mp.start_processes(
         distributed_cases.worker,

@@ -152,7 +152,9 @@ def linear_label_relaxation_loss(
     Args:
         input: Features ``(..., H)``, e.g. a language model's last hidden states.
         linear_weight: The output layer's weight ``(V, H)``, as ``nn.Linear(H, V).weight``
-            (possibly tied to an embedding). Same dtype as ``input``.
+            (possibly tied to an embedding). Same dtype as ``input``. A ``DTensor`` sharded on
+            the classes (``Shard(0)``, tensor parallelism) computes each rank's classes there
+            and returns a replicated ``DTensor`` loss (see ``docs/distributed.md``).
         target: Class indices of shape ``input.shape[:-1]``.
         alpha: Relaxation in (0, 1): a float, or a tensor broadcastable to
             ``input.shape[:-1]``.
