@@ -35,7 +35,8 @@ from label_relaxation._fused import compute_dtype, fused_rows
 CPU_BLOCK_ELEMENTS = 1 << 22
 # ... but never fewer rows than this: each product of a block reads the whole (V, H) weight or
 # its gradient, so blocks of a few rows make that reading the cost. At (2048, 1024, 128256)
-# 2^22 logits are 32 rows, and the fused loss took 1.37x the time of the unfused one.
+# 2^22 logits are 32 rows: PyTorch's chunked loss, with 32-row blocks there, took 1.57x the
+# unfused time; the fused loss with 128-row blocks 0.98x (docs/language-models.md).
 CPU_MIN_BLOCK_ROWS = 128
 # Other devices (not measured: no GPU was available): 256 MiB of float32 per block, so that
 # each product is large and the launches of the per-block operations are few.
@@ -108,10 +109,10 @@ class Gradients(NamedTuple):
 # Rows are packed in this many pieces per block: each piece's copy goes through a temporary of
 # its size, so packing adds at most 1/8 of a block to the peak memory in a handful of calls.
 PACK_PIECES = 8
-# Below this many features a skipped row saves less product time than moving the others costs:
-# with H = 64 packing made half-inside batches slower (1.24x the all-outside time at
-# (512, 64, 2000)); with H = 256 and 1024 it made them faster.
-PACK_MIN_HIDDEN = 256
+# Packing is not measured below this many features, where a row's share of the products is
+# smallest; those rows stay in place. Measured (half the rows inside, time / all outside, packed against not): 0.89-0.94x
+# against 0.92-1.05x at (512, 64, 2000); 0.85-0.86x against 0.94-1.0x at (2048, 256, 32000).
+PACK_MIN_HIDDEN = 64
 
 
 def _pack_training_rows(block_grad: Tensor, trains: Tensor) -> Tensor | None:
