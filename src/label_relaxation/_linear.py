@@ -110,8 +110,9 @@ class Gradients(NamedTuple):
 # its size, so packing adds at most 1/8 of a block to the peak memory in a handful of calls.
 PACK_PIECES = 8
 # Packing is not measured below this many features, where a row's share of the products is
-# smallest; those rows stay in place. Measured (half the rows inside, time / all outside, packed against not): 0.89-0.94x
-# against 0.92-1.05x at (512, 64, 2000); 0.85-0.86x against 0.94-1.0x at (2048, 256, 32000).
+# smallest; those rows stay in place. Measured (half the rows inside, time / all outside,
+# packed against not): 0.89-0.94x against 0.92-1.05x at (512, 64, 2000); 0.85-0.86x against
+# 0.94-1.0x at (2048, 256, 32000).
 PACK_MIN_HIDDEN = 64
 
 
