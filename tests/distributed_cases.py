@@ -387,8 +387,11 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, cases: list[str]
         # test machine's part, not the code under test: the test process may try once more.
         (Path(out_dir) / f"init-failed-{rank}").touch()
         raise
-    try:
-        for name in cases:
-            torch.save(CASES[name](rank, world), Path(out_dir) / f"{name}-{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    for name in cases:
+        torch.save(CASES[name](rank, world), Path(out_dir) / f"{name}-{rank}.pt")
+    # Every rank is done with every collective before any rank tears its group down.
+    dist.barrier()
+    dist.destroy_process_group()
+    # Skip the interpreter's teardown: with gloo's threads still winding down it occasionally
+    # ended a finished rank with std::terminate (SIGABRT) after its results were saved.
+    os._exit(0)
