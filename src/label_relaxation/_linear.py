@@ -11,11 +11,12 @@ training rows are packed to the front and only they enter the matrix products.
 gradient must scale it before it enters ``∂W``), so its forward pass keeps only the loss rows
 and its backward pass computes the logits a second time, block by block.
 
-Two versions of the per-block arithmetic run here: in eager mode the cache-chunked in-place
-kernel of :mod:`label_relaxation._fused`; under ``torch.compile`` the traceable closed form of
-:mod:`label_relaxation._compiled`, which Inductor fuses. Both hand the block's gradient to
-:func:`accumulate_gradients`, an operator (opaque to the compiler) that packs the training rows
-and accumulates in place, so a compiled graph never holds more than one block's logits either.
+The per-block arithmetic is the cache-chunked in-place kernel of :mod:`label_relaxation._fused`;
+with the weight split along the classes across ranks, the in-place kernel of
+:mod:`label_relaxation._vocab_parallel`, whose row statistics are all-reduced. Under
+``torch.compile`` the block loop runs as ``torch.library`` operators defined below: the graph
+compiles whole (``fullgraph=True``), its compile time does not grow with the number of blocks,
+and it never holds more than one block's logits either.
 """
 
 from __future__ import annotations
