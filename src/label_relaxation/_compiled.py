@@ -63,7 +63,18 @@ def row_coefficients(
     index = target.unsqueeze(-1)
     target_shifted = (logits.gather(-1, index).to(dtype) - shift).squeeze(-1)
     mass = _shifted_exp(logits, shift)
-    rest = torch.where(_is_target(logits, target), torch.zeros_like(mass), mass).sum(-1)
+    rest = torch.where(is_target_mask(logits, target), torch.zeros_like(mass), mass).sum(-1)
+    return coefficients_from_statistics(shift, rest, target_shifted, alpha, row_weight)
+
+
+def coefficients_from_statistics(
+    shift: Tensor, rest: Tensor, target_shifted: Tensor, alpha: AlphaLike, row_weight: Tensor
+) -> RowCoefficients:
+    """Loss rows and gradient coefficients from the row statistics of the closed form.
+
+    ``shift`` ``(N, 1)``; ``rest`` (the non-target mass, summed directly) and ``target_shifted``
+    (``z_y - m``) ``(N,)``. The target's mass is ``exp(target_shifted)``.
+    """
     total = rest + target_shifted.exp()
     r = rest / total
     # Not `r > alpha`: that is False for NaN, and NaN logits must give NaN.
@@ -88,8 +99,8 @@ def row_coefficients(
     )
 
 
-def _is_target(logits: Tensor, target: Tensor) -> Tensor:
-    """``(N, C)`` mask of each row's target class."""
+def is_target_mask(logits: Tensor, target: Tensor) -> Tensor:
+    """``(N, C)`` mask of each row's target class (all False for a target of -1)."""
     # int32 indices: Inductor's vector compare then takes one register per 16 logits, not two.
     classes = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int32)
     return classes == target.unsqueeze(-1).to(torch.int32)
@@ -110,7 +121,7 @@ def gradient_from_coefficients(
     if row_scale is not None:
         off_target, on_target = off_target * row_scale, on_target * row_scale
     scaled = _shifted_exp(logits, coefficients.shift) * off_target.unsqueeze(-1)
-    grad = torch.where(_is_target(logits, target), on_target.unsqueeze(-1), scaled)
+    grad = torch.where(is_target_mask(logits, target), on_target.unsqueeze(-1), scaled)
     return torch.where(coefficients.keep.unsqueeze(-1), grad, torch.zeros_like(grad))
 
 

@@ -22,17 +22,19 @@ from torch import Tensor
 
 from label_relaxation._closed_form import (
     AlphaLike,
-    log_alpha_terms,
-    log_target_probability,
-    relaxation_loss,
 )
-from label_relaxation._compiled import RowCoefficients, gradient_from_coefficients
+from label_relaxation._compiled import (
+    RowCoefficients,
+    coefficients_from_statistics,
+    gradient_from_coefficients,
+    is_target_mask,
+)
 
 
 def _global_statistics(
     local_logits: Tensor, local_target: Tensor, held: Tensor, dtype: torch.dtype, group: Any
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(shift, rest, target_mass, target_shifted)`` of every row over all ranks.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(shift, rest, target_shifted)`` of every row over all ranks.
 
     ``local_target`` ``(N,)`` is the target's index in this rank's slice where ``held``, and -1
     elsewhere; ``shift`` is ``(N, 1)``, the others ``(N,)``.
@@ -46,44 +48,12 @@ def _global_statistics(
         held, (local_logits.gather(-1, safe).to(dtype) - shift).squeeze(-1), 0.0
     )
     mass = (local_logits.to(dtype) - shift).exp()
-    classes = torch.arange(local_logits.shape[-1], device=local_logits.device, dtype=torch.int32)
-    is_target = classes == local_target.to(torch.int32).unsqueeze(-1)
+    is_target = is_target_mask(local_logits, local_target)
     # The non-target mass summed directly, never as total - target.
     rest = torch.where(is_target, torch.zeros_like(mass), mass).sum(-1)
     # One rank holds each target: the sum of the shifted target logits is that rank's value.
     sums = funcol.all_reduce(torch.stack([rest, target_shifted]), "sum", group)
-    return shift, sums[0], sums[1].exp(), sums[1]
-
-
-def _coefficients_from_sums(
-    shift: Tensor,
-    rest: Tensor,
-    target_mass: Tensor,
-    target_shifted: Tensor,
-    alpha: AlphaLike,
-    row_weight: Tensor,
-) -> RowCoefficients:
-    """Loss rows and gradient coefficients from the all-reduced row statistics."""
-    total = rest + target_mass
-    r = rest / total
-    # Not `r > alpha`: that is False for NaN, and NaN logits must give NaN.
-    active = ~(r <= alpha)
-    log_total = total.log()
-    log_r = torch.where(active, rest, total).log() - log_total
-    log_p_target = log_target_probability(r, target_shifted, log_total)
-    log_alpha, log1m_alpha = log_alpha_terms(alpha)
-    loss = relaxation_loss(log_p_target, log_r, alpha, log_alpha, log1m_alpha)
-    zero = torch.zeros_like(loss)
-    keep = row_weight != 0
-    return RowCoefficients(
-        loss=torch.where(keep, row_weight * torch.where(active, loss, zero), zero),
-        shift=shift,
-        keep=keep,
-        off_target=torch.where(
-            keep, row_weight * torch.where(active, (1 - alpha / r) / total, zero), zero
-        ),
-        on_target=torch.where(keep, row_weight * torch.where(active, alpha - r, zero), zero),
-    )
+    return shift, sums[0], sums[1]
 
 
 def vocab_parallel_coefficients(
@@ -95,8 +65,10 @@ def vocab_parallel_coefficients(
     group: Any,
 ) -> RowCoefficients:
     """Loss rows (the same on every rank) and the gradient coefficients of this rank's slice."""
-    statistics = _global_statistics(local_logits, local_target, held, row_weight.dtype, group)
-    return _coefficients_from_sums(*statistics, alpha, row_weight)
+    shift, rest, target_shifted = _global_statistics(
+        local_logits, local_target, held, row_weight.dtype, group
+    )
+    return coefficients_from_statistics(shift, rest, target_shifted, alpha, row_weight)
 
 
 def eager_vocab_parallel(
@@ -130,9 +102,7 @@ def eager_vocab_parallel(
     work.scatter_(-1, safe, torch.where(held_column, 0.0, work.gather(-1, safe)))
     # One rank holds each target: the sum of the shifted target logits is that rank's value.
     sums = funcol.all_reduce(torch.stack([work.sum(-1), target_shifted]), "sum", group)
-    coefficients = _coefficients_from_sums(
-        shift, sums[0], sums[1].exp(), sums[1], alpha, row_weight
-    )
+    coefficients = coefficients_from_statistics(shift, sums[0], sums[1], alpha, row_weight)
     work.mul_(coefficients.off_target.unsqueeze(-1))
     on_target = coefficients.on_target.unsqueeze(-1)
     work.scatter_(-1, safe, torch.where(held_column, on_target, work.gather(-1, safe)))
