@@ -74,6 +74,24 @@ def test_module_alpha_schedule_compiles_once() -> None:
     assert counter.frame_count == 1
 
 
+def test_float_alpha_schedule_through_the_functional_compiles_twice() -> None:
+    """A Python float alpha that changes: Dynamo compiles the first value as a constant and the
+    second as a dynamic input, and that graph must serve every later value (math.log on the
+    dynamic float once pinned each value: one recompile per alpha)."""
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def fn(z: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+        return label_relaxation_loss(z, y, alpha)
+
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    logits = torch.randn(8, 6) * 3
+    target = torch.randint(0, 6, (8,))
+    for alpha in (0.1, 0.05, 0.2, 0.3, 0.01, 0.4):
+        expected = label_relaxation_loss(logits, target, alpha)
+        torch.testing.assert_close(compiled(logits, target, alpha), expected, rtol=1e-6, atol=1e-7)
+    assert counter.frame_count == 2
+
+
 def test_tensor_alpha_through_the_functional_compiles_once() -> None:
     counter = CompileCounter()
     compiled = torch.compile(label_relaxation_loss, fullgraph=True, backend=counter)
@@ -211,6 +229,51 @@ def test_compiled_kernel_matches_float64_reference(scale: float) -> None:
     loss.sum().backward()
     assert leaf.grad is not None
     assert_matches_reference(logits, target, 0.1, "compiled", loss.detach(), leaf.grad)
+
+
+def _compiled_none(target: torch.Tensor, alpha: float):  # type: ignore[no-untyped-def]
+    def fn(z: torch.Tensor) -> torch.Tensor:
+        return label_relaxation_loss(z, target, alpha, reduction="none")
+
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+def test_compiled_kernel_at_ties_with_the_maximum() -> None:
+    """The compiled forward tells the classes at the row maximum apart by value: rows whose
+    maximum is shared by the target and others, shared by non-targets only, all-equal rows and
+    a target alone at the maximum must all match the float64 projection."""
+    from tests.test_values import assert_matches_reference
+
+    logits = torch.randn(8, 6)
+    logits[0, [0, 3]] = 4.0  # target 0 shares the maximum with class 3
+    logits[1, [1, 2, 5]] = 2.5  # target 0 below a three-way tie
+    logits[2] = 0.7  # all classes equal
+    logits[3, 0] = 9.0  # target alone at the maximum, deep inside the set
+    logits[4, [0, 1, 2]] = 1.0e3  # large equal maxima
+    logits[5, 4] = 3.0
+    logits[5, 0] = 3.0  # target 0 ties the maximum at a later class
+    target = torch.tensor([0, 0, 2, 0, 1, 0, 3, 5])
+    for alpha in (0.1, 0.6):
+        leaf = logits.clone().requires_grad_()
+        loss = _compiled_none(target, alpha)(leaf)
+        loss.sum().backward()
+        assert leaf.grad is not None
+        assert_matches_reference(logits, target, alpha, "compiled", loss.detach(), leaf.grad)
+
+
+@pytest.mark.parametrize("alpha", [1e-5, 1e-3])
+def test_compiled_kernel_relative_precision_just_outside_the_set(alpha: float) -> None:
+    """As tests/test_values.py asks of the eager kernels: the non-target mass is never 1 - p_y,
+    so the loss keeps its relative precision where it is far smaller than its terms."""
+    from tests.reference import projected_kl
+    from tests.test_values import rows_just_outside
+
+    logits = rows_just_outside(alpha)
+    target = torch.zeros(logits.shape[0], dtype=torch.long)
+    loss = _compiled_none(target, alpha)(logits)
+    reference = projected_kl(logits, target, alpha)
+    relative = ((loss.double() - reference).abs() / reference).max()
+    assert relative <= 5e-5, f"max relative loss error {relative:.2e}"
 
 
 def test_compiled_kernel_refuses_double_backward() -> None:

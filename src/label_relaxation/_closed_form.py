@@ -55,6 +55,12 @@ def log_alpha_terms(alpha: AlphaLike) -> tuple[AlphaLike, AlphaLike]:
     """Return ``(log(alpha), log(1 - alpha))`` for a Python float or a tensor alpha."""
     if isinstance(alpha, Tensor):
         return torch.log(alpha), torch.log1p(-alpha)
+    if torch.compiler.is_compiling():
+        # A float alpha that changes from call to call is a dynamic input of the graph, and
+        # math.log would pin it to each value (one recompile per alpha); so would
+        # torch.scalar_tensor. Added to a 0-d tensor it stays an input.
+        value = torch.zeros((), dtype=torch.float64).add(alpha)
+        return torch.log(value), torch.log1p(-value)
     return math.log(alpha), math.log1p(-alpha)
 
 

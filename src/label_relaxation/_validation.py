@@ -8,7 +8,6 @@ range, one-hot exactness, alpha range) run only where reading a value is allowed
 
 from __future__ import annotations
 
-import math
 from typing import Literal, TypeAlias
 
 import torch
@@ -65,7 +64,9 @@ def check_alpha_float(alpha: float) -> None:
     """Raise ``ValueError`` unless the Python number ``alpha`` lies in the open interval (0, 1)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float or a floating tensor, got {type(alpha).__name__}")
-    if not (0.0 < alpha < 1.0) or math.isnan(alpha):
+    # Comparisons are False for NaN; no math.isnan, which a dynamic float under
+    # torch.compile (a changing alpha) cannot trace.
+    if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in the open interval (0, 1), got {alpha!r}")
 
 

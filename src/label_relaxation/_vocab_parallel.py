@@ -132,7 +132,7 @@ class VocabParallelLoss(torch.autograd.Function):
             coefficients = vocab_parallel_coefficients(
                 local_logits, local_target, held, alpha, row_weight, group
             )
-            grad = gradient_from_coefficients(local_logits, local_target, coefficients)
+            grad = gradient_from_coefficients(local_logits, local_target, coefficients, held=held)
         else:
             grad = torch.empty_like(local_logits, dtype=row_weight.dtype)
             coefficients = eager_vocab_parallel(
