@@ -211,3 +211,39 @@ def test_non_cpu_path_reads_no_values(
     loss.backward()
     assert loss.shape == () and loss.dtype == torch.float32
     assert leaf.grad is not None and leaf.grad.shape == (64, 1000) and leaf.grad.dtype == dtype
+
+
+def test_small_kernel_constants_made_in_inference_mode_serve_training() -> None:
+    """The small-input kernel caches its scalar operands per alpha; the first call may come
+    from inside torch.inference_mode() (an evaluation loop), and a training call must then
+    still work and match a fresh computation."""
+    from label_relaxation import _small
+
+    _small._constants.cache_clear()
+    logits = torch.randn(8, 5) * 3
+    target = torch.randint(0, 5, (8,))
+    with torch.inference_mode():
+        evaluated = label_relaxation_loss(logits, target, 0.37)
+    leaf = logits.clone().requires_grad_()
+    trained = label_relaxation_loss(leaf, target, 0.37)
+    trained.backward()
+    reference = logits.clone().requires_grad_()
+    expected = label_relaxation_loss(reference, target, 0.37, implementation="reference")
+    expected.backward()
+    torch.testing.assert_close(evaluated, expected.detach())
+    torch.testing.assert_close(trained.detach(), expected.detach())
+    torch.testing.assert_close(leaf.grad, reference.grad)
+
+
+def test_small_kernel_constants_stay_on_the_cpu_under_another_default_device() -> None:
+    """The cached scalar operands are made on the CPU even when the caller has set another
+    default device (here "meta") for new tensors."""
+    from label_relaxation import _small
+
+    _small._constants.cache_clear()
+    logits = torch.randn(8, 5) * 3
+    target = torch.randint(0, 5, (8,))
+    with torch.device("meta"):
+        loss = label_relaxation_loss(logits, target, 0.29)
+    expected = label_relaxation_loss(logits, target, 0.29, implementation="reference")
+    torch.testing.assert_close(loss, expected)
