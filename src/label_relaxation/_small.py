@@ -252,12 +252,13 @@ def small_call(
     if small_alpha is None or indices is None:
         return None
     index, counted = indices
-    rows = logits.reshape(-1, num_classes)
+    # A reshape of logits that are rows already would still cost a view node in autograd.
+    rows = logits if logits.dim() == 2 else logits.reshape(-1, num_classes)
+    reduce = reduction != "none"
     row_weight, ignored = _small_row_weight(weight, counted, index, logits.dtype, reduction)
 
     def kernel(grad_out: Tensor | None) -> Tensor:
         return small_rows(rows, index, small_alpha, row_weight, ignored, grad_out).squeeze(-1)
 
-    reduce = reduction != "none"
     loss = apply_fused(rows, kernel, reduce, inplace=False)
     return loss if reduce else loss.reshape(logits.shape[:-1])
