@@ -180,7 +180,7 @@ def is_dtensor(tensor: object) -> bool:
 
 def _is_dual(tensor: Tensor) -> bool:
     """Whether ``tensor`` carries a forward-mode AD tangent."""
-    if torch.autograd.forward_ad._current_level < 0:
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) < 0:
         return False  # no dual level entered: no tangent anywhere (and no unpacking cost)
     dual = torch.autograd.forward_ad.unpack_dual(tensor)  # type: ignore[no-untyped-call]
     return dual.tangent is not None
