@@ -231,17 +231,21 @@ def test_compiled_kernel_matches_float64_reference(scale: float) -> None:
     assert_matches_reference(logits, target, 0.1, "compiled", loss.detach(), leaf.grad)
 
 
-def _compiled_none(target: torch.Tensor, alpha: float):  # type: ignore[no-untyped-def]
+def _compiled_none(target: torch.Tensor, alpha: float, backend: str = "aot_eager"):  # type: ignore[no-untyped-def]
     def fn(z: torch.Tensor) -> torch.Tensor:
         return label_relaxation_loss(z, target, alpha, reduction="none")
 
-    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+    return torch.compile(fn, fullgraph=True, backend=backend)
 
 
-def test_compiled_kernel_at_ties_with_the_maximum() -> None:
+@pytest.mark.parametrize(
+    "backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.inductor)]
+)
+def test_compiled_kernel_at_ties_with_the_maximum(backend: str) -> None:
     """The compiled forward tells the classes at the row maximum apart by value: rows whose
     maximum is shared by the target and others, shared by non-targets only, all-equal rows and
-    a target alone at the maximum must all match the float64 projection."""
+    a target alone at the maximum must all match the float64 projection (Inductor's generated
+    compare included)."""
     from tests.test_values import assert_matches_reference
 
     logits = torch.randn(8, 6)
@@ -255,7 +259,7 @@ def test_compiled_kernel_at_ties_with_the_maximum() -> None:
     target = torch.tensor([0, 0, 2, 0, 1, 0, 3, 5])
     for alpha in (0.1, 0.6):
         leaf = logits.clone().requires_grad_()
-        loss = _compiled_none(target, alpha)(leaf)
+        loss = _compiled_none(target, alpha, backend)(leaf)
         loss.sum().backward()
         assert leaf.grad is not None
         assert_matches_reference(logits, target, alpha, "compiled", loss.detach(), leaf.grad)
