@@ -280,6 +280,25 @@ def test_compiled_kernel_relative_precision_just_outside_the_set(alpha: float) -
     assert relative <= 5e-5, f"max relative loss error {relative:.2e}"
 
 
+def test_dynamic_batch_across_the_small_kernel_bound_compiles_once() -> None:
+    """With dynamic shapes, batches below and above the eager small-input kernel's size bound
+    (2^18 logits) share one graph: that bound is an eager decision and must not become a guard
+    (it once did, and a batch across it recompiled)."""
+    from label_relaxation import _small
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(
+        lambda z, y: label_relaxation_loss(z, y, 0.1), backend=counter, dynamic=True
+    )
+    rows_at_bound = _small.SMALL_ELEMENTS // 10
+    for rows in (64, 128, rows_at_bound - 1, rows_at_bound + 1):
+        logits = torch.randn(rows, 10) * 2
+        target = torch.randint(0, 10, (rows,))
+        expected = label_relaxation_loss(logits, target, 0.1)
+        torch.testing.assert_close(compiled(logits, target), expected, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+
+
 def test_compiled_kernel_refuses_double_backward() -> None:
     """No silent zero Hessian: compiled code refuses double backward with a clear error."""
     compiled = torch.compile(

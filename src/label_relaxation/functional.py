@@ -235,15 +235,19 @@ def _use_fused(rows: _Rows, weight: Tensor | None, implementation: str) -> bool:
 def _small_applies(
     logits: Tensor, target: Tensor, weight: Tensor | None, inplace: bool, implementation: str
 ) -> bool:
-    """Whether a call may take the small-input kernel (decided on metadata only)."""
+    """Whether a call may take the small-input kernel (decided on metadata only).
+
+    The transform test comes first: under ``torch.compile`` with dynamic shapes a size test
+    would guard the graph on the size bound, and a batch across it would recompile.
+    """
     return (
-        implementation != "reference"
+        not is_transformed(logits)
+        and implementation != "reference"
         and not inplace
         and 0 < logits.numel() <= _small.SMALL_ELEMENTS
         and logits.device.type == "cpu"
         and not target.is_floating_point()
         and (weight is None or not weight.requires_grad)
-        and not is_transformed(logits)
     )
 
 
