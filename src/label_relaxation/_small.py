@@ -80,11 +80,16 @@ def small_rows(
     # is well conditioned.
     total_minus_one = torch.add(rest, torch.expm1(target_shifted))
     log_total = torch.log1p(total_minus_one)
-    total = total_minus_one.add_(const.one)
-    # r - alpha with r = rest/total: one decision, inside the credal set or not, for loss and
-    # gradient. `excess <= 0` is False for NaN: NaN logits give NaN, as in cross-entropy.
-    excess = torch.addcmul(rest, total, const.neg_alpha).div_(total)
-    inside = torch.le(excess, const.zero)
+    # One decision, inside the credal set or not, for loss and gradient: r <= alpha with
+    # r = rest/total. The comparisons are False for NaN: NaN logits give NaN, as in
+    # cross-entropy.
+    if grad_out is None:
+        # rest - alpha·total <= 0 as rest - alpha·(total - 1) <= alpha: two calls, no division.
+        inside = torch.le(torch.addcmul(rest, total_minus_one, const.neg_alpha), const.alpha)
+    else:
+        total = total_minus_one.add_(const.one)
+        excess = torch.addcmul(rest, total, const.neg_alpha).div_(total)  # r - alpha
+        inside = torch.le(excess, const.zero)
     # (1-a)·(log(1-a) - log p_y) + a·(log a - log r), with log p_y = (z_y - m) - log(total)
     # and log r = log(rest) - log(total), is log(total) - (1-a)·(z_y - m) - a·log(rest) + c.
     loss = torch.addcmul(log_total, target_shifted, const.alpha_minus_one)
@@ -113,6 +118,7 @@ class _Constants(NamedTuple):
 
     zero: Tensor
     one: Tensor
+    alpha: Tensor
     neg_alpha: Tensor
     alpha_minus_one: Tensor
     offset: Tensor  # (1-a)·log(1-a) + a·log(a)
@@ -126,10 +132,12 @@ def _constants(alpha: float, shared_weight: float | None, dtype: torch.dtype) ->
     weight = 1.0 if shared_weight is None else shared_weight
     # On the CPU explicitly: a default device set by the caller (torch.set_default_device, a
     # `with torch.device(...)` block) must not move the kernel's operands.
-    values = torch.tensor([0.0, 1.0, -alpha, alpha - 1, offset, weight], dtype=dtype, device="cpu")
-    zero, one, neg_alpha, alpha_minus_one, offset_, weight_ = values.unbind()
+    values = [0.0, 1.0, alpha, -alpha, alpha - 1, offset, weight]
+    zero, one, alpha_, neg_alpha, alpha_minus_one, offset_, weight_ = torch.tensor(
+        values, dtype=dtype, device="cpu"
+    ).unbind()
     shared = None if shared_weight is None or shared_weight == 1.0 else weight_
-    return _Constants(zero, one, neg_alpha, alpha_minus_one, offset_, shared)
+    return _Constants(zero, one, alpha_, neg_alpha, alpha_minus_one, offset_, shared)
 
 
 def _write_gradient(
@@ -258,7 +266,8 @@ def small_call(
     row_weight, ignored = _small_row_weight(weight, counted, index, logits.dtype, reduction)
 
     def kernel(grad_out: Tensor | None) -> Tensor:
-        return small_rows(rows, index, small_alpha, row_weight, ignored, grad_out).squeeze(-1)
+        loss_rows = small_rows(rows, index, small_alpha, row_weight, ignored, grad_out)
+        return loss_rows if reduce else loss_rows.squeeze(-1)  # a sum needs no squeeze
 
     loss = apply_fused(rows, kernel, reduce, inplace=False)
     return loss if reduce else loss.reshape(logits.shape[:-1])
