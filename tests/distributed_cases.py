@@ -234,16 +234,23 @@ def single_process_training() -> list[torch.Tensor]:
 
 
 def _train_data_parallel(
-    wrap: Callable[[torch.nn.Module], torch.nn.Module], rank: int, world: int
+    wrap: Callable[[torch.nn.Module], torch.nn.Module],
+    rank: int,
+    world: int,
+    global_mean: bool = True,
 ) -> list[torch.Tensor]:
+    """Train on this rank's share of every batch; ``global_mean=False``: each rank's own mean."""
     model = wrap(_model())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(STEPS):
         x, y = _data(step)
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         optimizer.zero_grad()
-        total = global_mean_denominator(y)
-        loss = label_relaxation_loss(model(x), y, 0.1, reduction="sum") * world / total
+        if global_mean:
+            total = global_mean_denominator(y)
+            loss = label_relaxation_loss(model(x), y, 0.1, reduction="sum") * world / total
+        else:
+            loss = label_relaxation_loss(model(x), y, 0.1)
         loss.backward()
         optimizer.step()
     return [_full(p).detach().clone() for p in model.parameters()]
@@ -273,23 +280,9 @@ def case_data_parallel(rank: int, world: int) -> dict[str, Any]:
     fsdp = _train_data_parallel(shard, rank, world)
     results["fsdp2"] = max(_relative_error(a, b) for a, b in zip(fsdp, expected, strict=True))
     # Each rank's own "mean" averaged by DDP is not the mean of the whole batch here.
-    naive = _train_naive_ddp(rank, world)
+    naive = _train_data_parallel(DistributedDataParallel, rank, world, global_mean=False)
     results["naive_ddp"] = max(_relative_error(a, b) for a, b in zip(naive, expected, strict=True))
     return results
-
-
-def _train_naive_ddp(rank: int, world: int) -> list[torch.Tensor]:
-    from torch.nn.parallel import DistributedDataParallel
-
-    model = DistributedDataParallel(_model())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for step in range(STEPS):
-        x, y = _data(step)
-        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-        optimizer.zero_grad()
-        label_relaxation_loss(model(x), y, 0.1).backward()
-        optimizer.step()
-    return [p.detach().clone() for p in model.parameters()]
 
 
 def case_linear(rank: int, world: int) -> dict[str, Any]:
