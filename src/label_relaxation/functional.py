@@ -142,7 +142,7 @@ def prepare_targets(
         # Where values could not be checked in Python, a bad position poisons the result with
         # NaN instead of giving a silently wrong number; under torch.compile it also raises.
         if validate and torch.compiler.is_compiling() and not check.functorch_active():
-            invalid = raise_if_invalid(
+            raise_if_invalid(
                 invalid,
                 _graph_checks(target, alpha_input),
                 num_classes,

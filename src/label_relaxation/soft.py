@@ -154,7 +154,7 @@ def soft_label_relaxation_loss(
         checks = [("soft_target", target)]
         if isinstance(alpha, Tensor):
             checks.append(("alpha", alpha))
-        invalid = raise_if_invalid(
+        raise_if_invalid(
             invalid,
             checks,
             num_classes,
@@ -276,7 +276,7 @@ def mixup_label_relaxation_loss(
     )
     checked_here = validate and torch.compiler.is_compiling() and not check.functorch_active()
     if checked_here:
-        bad_index = _raise_if_bad_mixup(bad_index, target_a, target_b, lam, alpha, num_classes)
+        _raise_if_bad_mixup(bad_index, target_a, target_b, lam, alpha, num_classes)
     # Out-of-range indices (unchecked modes) become a non-distribution row, hence NaN.
     mixed = torch.where(bad_index.unsqueeze(-1), torch.full_like(mixed, -1.0), mixed)
     # Checked above under torch.compile, with the arguments' own names; the soft loss still
@@ -298,7 +298,7 @@ def _raise_if_bad_mixup(
     lam: float | Tensor,
     alpha: float | Tensor,
     num_classes: int,
-) -> Tensor:
+) -> None:
     """Under torch.compile: raise as eager mode would for bad mixup arguments."""
     invalid = bad_index
     checks: list[tuple[str, Tensor]] = [("target_a", target_a), ("target_b", target_b)]
@@ -308,7 +308,7 @@ def _raise_if_bad_mixup(
     if isinstance(alpha, Tensor):
         invalid = invalid | ~((alpha > 0) & (alpha < 1))
         checks.append(("alpha", alpha))
-    return raise_if_invalid(
+    raise_if_invalid(
         invalid,
         checks,
         num_classes,
