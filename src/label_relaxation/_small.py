@@ -8,7 +8,7 @@ gradient buffer itself and one in-place ``exp`` give the unnormalised probabilit
 non-target mass ``r·total`` is summed directly (``r = 1 - p_y`` is never formed by a
 subtraction); ``log p_y`` comes from the shifted target logit, so it is exact where ``p_y``
 underflows; and every per-row quantity is a handful of ``(N, 1)`` operations with the
-Python-float alpha folded into their constants.
+Python-float alpha and the row weight shared by every row folded into their constants.
 
 The chunked kernel (:mod:`label_relaxation._fused`) takes over above :data:`SMALL_ELEMENTS`,
 where passes over memory, not calls, set the cost. :func:`small_call` prepares the arguments
@@ -87,21 +87,24 @@ def small_rows(
         # rest - alpha·total <= 0 as rest - alpha·(total - 1) <= alpha: two calls, no division.
         inside = torch.le(torch.addcmul(rest, total_minus_one, const.neg_alpha), const.alpha)
     else:
-        total = total_minus_one.add_(const.one)
-        excess = torch.addcmul(rest, total, const.neg_alpha).div_(total)  # r - alpha
+        # With the shared row weight w folded in: total/w = 1/w + (total - 1)/w, and
+        # (rest - alpha·w·(total/w))/(total/w) = w·(r - alpha), whose sign is that of r - alpha.
+        total_over_w = torch.addcmul(const.inv_weight, total_minus_one, const.inv_weight)
+        excess = torch.addcmul(rest, total_over_w, const.neg_alpha_w).div_(total_over_w)
         inside = torch.le(excess, const.zero)
     # (1-a)·(log(1-a) - log p_y) + a·(log a - log r), with log p_y = (z_y - m) - log(total)
-    # and log r = log(rest) - log(total), is log(total) - (1-a)·(z_y - m) - a·log(rest) + c.
-    loss = torch.addcmul(log_total, target_shifted, const.alpha_minus_one)
-    loss = loss.addcmul_(rest.log(), const.neg_alpha).add_(const.offset)
-    loss = loss.masked_fill_(inside, 0.0)
-    weight = const.weight if isinstance(row_weight, float) else row_weight
-    if weight is not None:
-        loss = loss.mul_(weight)
+    # and log r = log(rest) - log(total), is log(total) - (1-a)·(z_y - m) - a·log(rest) + c;
+    # times w: w·c + w·log(total), then the other two terms, each with w in its constant.
+    loss = torch.addcmul(const.offset_w, log_total, const.weight)
+    loss = loss.addcmul_(target_shifted, const.alpha_minus_one_w)
+    loss = loss.addcmul_(rest.log(), const.neg_alpha_w).masked_fill_(inside, 0.0)
+    row_weights = None if isinstance(row_weight, float) else row_weight
+    if row_weights is not None:
+        loss = loss.mul_(row_weights)
     if ignored is not None:
         loss = loss.masked_fill_(ignored, 0.0)
     if grad_out is not None:
-        _write_gradient(mass, index, rest, excess, weight, ignored)
+        _write_gradient(mass, index, rest, excess, row_weights, ignored)
         if not direct:
             grad_out.copy_(mass)
     return loss
@@ -117,27 +120,28 @@ class _Constants(NamedTuple):
     """
 
     zero: Tensor
-    one: Tensor
     alpha: Tensor
     neg_alpha: Tensor
-    alpha_minus_one: Tensor
-    offset: Tensor  # (1-a)·log(1-a) + a·log(a)
-    weight: Tensor | None  # the row weight shared by every row, None where it is 1
+    # The shared row weight w (1 where rows have their own weights) and the loss's constants
+    # times w, so that no call multiplies by it.
+    weight: Tensor
+    inv_weight: Tensor  # 1/w
+    neg_alpha_w: Tensor  # -a·w
+    alpha_minus_one_w: Tensor  # (a - 1)·w
+    offset_w: Tensor  # ((1-a)·log(1-a) + a·log(a))·w
 
 
 @functools.lru_cache(maxsize=256)
 def _constants(alpha: float, shared_weight: float | None, dtype: torch.dtype) -> _Constants:
     """The constants of one ``(alpha, shared row weight, dtype)``; a schedule needs few."""
     offset = (1 - alpha) * math.log1p(-alpha) + alpha * math.log(alpha)
+    # A shared weight of 0 (a mean over no rows) never reaches the kernel: the batch is empty.
     weight = 1.0 if shared_weight is None else shared_weight
+    values = [0.0, alpha, -alpha, weight, 1 / weight, -alpha * weight]
+    values += [(alpha - 1) * weight, offset * weight]
     # On the CPU explicitly: a default device set by the caller (torch.set_default_device, a
     # `with torch.device(...)` block) must not move the kernel's operands.
-    values = [0.0, 1.0, alpha, -alpha, alpha - 1, offset, weight]
-    zero, one, alpha_, neg_alpha, alpha_minus_one, offset_, weight_ = torch.tensor(
-        values, dtype=dtype, device="cpu"
-    ).unbind()
-    shared = None if shared_weight is None or shared_weight == 1.0 else weight_
-    return _Constants(zero, one, alpha_, neg_alpha, alpha_minus_one, offset_, shared)
+    return _Constants(*torch.tensor(values, dtype=dtype, device="cpu").unbind())
 
 
 def _write_gradient(
@@ -150,10 +154,11 @@ def _write_gradient(
 ) -> None:
     """Turn the unnormalised ``p'`` in ``mass`` (target entries zeroed) into ``w·(p - q)``.
 
-    With ``r = rest/total`` and ``excess = r - alpha``: off-target entries
-    ``p_k·(1 - alpha/r) = p'_k·excess/rest``, the target entry ``-excess``. Clamping at 0 zeroes
-    the rows inside the credal set (``rest = 0`` gives ``-inf``, clamped to 0) and keeps NaN.
-    ``weight`` holds the rows' weights (``(N, 1)``, or 0-d when shared), ``None`` where it is 1.
+    With ``r = rest/total`` and ``excess = w·(r - alpha)`` (``w`` the shared row weight, 1 where
+    rows have their own): off-target entries ``w·p_k·(1 - alpha/r) = p'_k·excess/rest``, the
+    target entry ``-excess``. Clamping at 0 zeroes the rows inside the credal set (``rest = 0``
+    gives ``-inf``, clamped to 0) and keeps NaN. ``weight`` holds the rows' own weights
+    (``(N, 1)``), ``None`` where they share one.
     """
     scale = torch.div(excess, rest).clamp_min_(0.0)
     # -excess clamped from above: rows inside the set get +0, not the -0 of -(excess⁺).
