@@ -61,7 +61,11 @@ def small_rows(
         The weighted loss rows, ``(N, 1)`` in the compute dtype.
     """
     dtype = compute_dtype(logits.dtype)
-    shared_weight = row_weight if isinstance(row_weight, float) else None
+    # A Python float is one weight shared by every row (folded into the constants); a tensor
+    # holds each row's own weight.
+    shared_weight, own_weights = (
+        (row_weight, None) if isinstance(row_weight, float) else (None, row_weight)
+    )
     const = _constants(alpha, shared_weight, dtype)
     direct = grad_out is not None and grad_out.dtype == dtype
     # ATen's log_softmax over a short last dimension costs several times these calls. Half
@@ -98,13 +102,12 @@ def small_rows(
     loss = torch.addcmul(const.offset_w, log_total, const.weight)
     loss = loss.addcmul_(target_shifted, const.alpha_minus_one_w)
     loss = loss.addcmul_(rest.log(), const.neg_alpha_w).masked_fill_(inside, 0.0)
-    row_weights = None if isinstance(row_weight, float) else row_weight
-    if row_weights is not None:
-        loss = loss.mul_(row_weights)
+    if own_weights is not None:
+        loss = loss.mul_(own_weights)
     if ignored is not None:
         loss = loss.masked_fill_(ignored, 0.0)
     if grad_out is not None:
-        _write_gradient(mass, index, rest, excess, row_weights, ignored)
+        _write_gradient(mass, index, rest, excess, own_weights, ignored)
         if not direct:
             grad_out.copy_(mass)
     return loss

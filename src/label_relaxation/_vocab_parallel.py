@@ -28,6 +28,7 @@ from label_relaxation._compiled import (
     coefficients_from_statistics,
     gradient_from_coefficients,
     is_target_mask,
+    shifted_exp,
 )
 
 
@@ -47,7 +48,7 @@ def _global_statistics(
     target_shifted = torch.where(
         held, (local_logits.gather(-1, safe).to(dtype) - shift).squeeze(-1), 0.0
     )
-    mass = (local_logits.to(dtype) - shift).exp()
+    mass = shifted_exp(local_logits, shift)
     is_target = is_target_mask(local_logits, local_target)
     # The non-target mass summed directly, never as total - target.
     rest = torch.where(is_target, torch.zeros_like(mass), mass).sum(-1)
