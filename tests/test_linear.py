@@ -152,6 +152,45 @@ def test_rows_inside_the_set_get_exact_zeros_and_are_counted() -> None:
     assert_gradient_close(b.grad, ref_b, 1e-5)  # type: ignore[arg-type]
 
 
+class CountedProducts(TorchDispatchMode):
+    """Counts the weight-gradient products (``addmm_``) and the rows each one takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten.addmm_.default:
+            self.rows.append(int(args[2].shape[0]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_weight_gradient_of_a_packed_block_runs_in_pieces(packing: str, reduction: str) -> None:
+    torch.manual_seed(3)
+    x, w, b, target = make_inputs((96,), inside=0.3)
+    with CountedProducts() as products:
+        loss = linear_label_relaxation_loss(
+            x, w, target, 0.1, linear_bias=b, chunk_size=96, reduction=reduction
+        )
+        loss.sum().backward()
+    logits = F.linear(x.double(), w.double(), b.double())  # type: ignore[union-attr]
+    training = int((projected_kl(logits, target, 0.1) > 0).sum())
+    assert _linear.WEIGHT_PIECE_ROWS < training < _linear.WEIGHT_ONE_PRODUCT_ROWS
+    if packing == "packed":
+        # Only the training rows, in equal pieces of at most WEIGHT_PIECE_ROWS rows.
+        assert sum(products.rows) == training
+        assert len(products.rows) == -(-training // _linear.WEIGHT_PIECE_ROWS)
+        assert max(products.rows) - min(products.rows) <= 1
+    else:
+        assert products.rows == [96]
+    _, ref_x, ref_w, ref_b = reference(x, w, b, target, 0.1, reduction=reduction)
+    assert x.grad is not None and w.grad is not None and b is not None
+    assert_gradient_close(x.grad, ref_x, 1e-5)
+    assert_gradient_close(w.grad, ref_w, 1e-5)
+    assert_gradient_close(b.grad, ref_b, 1e-5)  # type: ignore[arg-type]
+
+
 def test_training_fraction_counts_only_counted_positions() -> None:
     x, w, _, target = make_inputs((20,), bias=False)
     target[:5] = -100
