@@ -164,8 +164,8 @@ def linear_label_relaxation_loss(
         reduction: ``"none"``, ``"mean"`` or ``"sum"``, as in :func:`label_relaxation_loss`.
             With ``"none"`` the backward pass computes the logits a second time (each row's
             incoming gradient must scale it before it enters the weight gradient).
-        chunk_size: Rows of logits per block. ``None``: 2^22 logits (16 MiB of float32) per
-            block on the CPU but at least 128 rows, 2^26 logits on other devices.
+        chunk_size: Rows of logits per block. ``None``: 5·2^20 logits (20 MiB of float32)
+            per block on the CPU but at least 128 rows, 2^26 logits on other devices.
         validate: Check target and alpha values (see :func:`label_relaxation_loss`).
         return_training_fraction: Also return the fraction of counted positions still outside
             the credal set (those with a gradient): how much of the batch still trains.

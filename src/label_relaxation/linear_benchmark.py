@@ -152,28 +152,55 @@ def measure_linear(
     fractions: tuple[float, ...] = INSIDE_FRACTIONS,
     progress: Callable[[str], None] = lambda message: None,
 ) -> list[LinearTiming]:
-    """Time every mode with all rows outside the set, then ``fused`` at each fraction inside.
+    """Time every mode with all rows outside the set, and ``fused`` at each fraction inside.
 
-    Each variant runs one untimed call (compiling, first-touch allocations), one call whose
-    allocations are recorded, then ``repeat`` timed calls back to back, as the steps of a
-    training loop follow each other.
+    Each variant first runs one untimed call (compiling, first-touch allocations) and one call
+    whose allocations are recorded. Then ``repeat`` rounds time every variant in turn, each
+    timed call right after an untimed call of the same variant (as the steps of a training loop
+    follow each other): a machine that slows down or speeds up during the run affects every
+    variant alike, so the ratios measured in one run stay comparable.
     """
     variants = build_linear_variants(alpha)
     runs = [(mode, 0.0) for mode in modes]
     runs += [("fused", inside) for inside in fractions if inside > 0 and "fused" in modes]
+    problems = _problems(tokens, hidden, vocab, {inside for _, inside in runs}, dtype, device)
     timings = []
     for mode, inside in runs:
-        problem = make_problem(tokens, hidden, vocab, inside=inside, dtype=dtype, device=device)
+        problem = problems[inside]
         timing = LinearTiming(mode, inside, training_fraction=_training_fraction(alpha, problem))
         _call(variants[mode], problem)  # compiles, touches fresh memory
         timing.peak_extra_bytes = _peak_extra(variants[mode], problem)
-        timing.seconds = [_timed_call(variants[mode], problem) for _ in range(repeat)]
-        progress(
-            f"  {mode:15s} inside {inside:4.0%}: {timing.median * 1e3:9.1f} ms, extra "
-            f"{_mib(timing.peak_extra_bytes)}"
-        )
         timings.append(timing)
+    for _ in range(repeat):
+        for timing in timings:
+            _call(variants[timing.mode], problems[timing.inside])
+            timing.seconds.append(_timed_call(variants[timing.mode], problems[timing.inside]))
+    for timing in timings:
+        progress(
+            f"  {timing.mode:15s} inside {timing.inside:4.0%}: {timing.median * 1e3:9.1f} ms, "
+            f"extra {_mib(timing.peak_extra_bytes)}"
+        )
     return timings
+
+
+def _problems(
+    tokens: int,
+    hidden: int,
+    vocab: int,
+    fractions: set[float],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[float, tuple[Tensor, Tensor, Tensor]]:
+    """One problem per fraction inside, all sharing one weight (equal anyway: same seed)."""
+    problems = {}
+    shared_weight = None
+    for inside in sorted(fractions):
+        x, weight, target = make_problem(
+            tokens, hidden, vocab, inside=inside, dtype=dtype, device=device
+        )
+        shared_weight = weight if shared_weight is None else shared_weight
+        problems[inside] = (x, shared_weight, target)
+    return problems
 
 
 def _mib(size: int | None) -> str:
