@@ -430,7 +430,8 @@ def run_linear_bench(
     print(_machine_line(info))
     print(
         f"THP_MEM_ALLOC_ENABLE={info['THP_MEM_ALLOC_ENABLE']}; {args.dtype}; alpha={args.alpha}; "
-        f"medians of {args.repeat} calls back to back after an untimed one; extra memory: "
+        f"medians of {args.repeat} calls back to back after an untimed one (the fraction sweep: "
+        f"{args.repeat} rounds over the fractions); extra memory: "
         "peak allocated during one forward+backward, less the returned gradients"
     )
     for table in tables:

@@ -46,6 +46,7 @@ class LinearTiming:
     seconds: list[float] = field(default_factory=list)
     peak_extra_bytes: int | None = None
     training_fraction: float | None = None
+    sweep: bool = False  # timed in the rounds over the fractions inside
 
     @property
     def median(self) -> float:
@@ -152,35 +153,52 @@ def measure_linear(
     fractions: tuple[float, ...] = INSIDE_FRACTIONS,
     progress: Callable[[str], None] = lambda message: None,
 ) -> list[LinearTiming]:
-    """Time every mode with all rows outside the set, and ``fused`` at each fraction inside.
+    """Time every mode with all rows outside the set, then ``fused`` at each fraction inside.
 
-    Each variant first runs one untimed call (compiling, first-touch allocations) and one call
-    whose allocations are recorded. Then ``repeat`` rounds time every variant in turn, each
-    timed call right after an untimed call of the same variant (as the steps of a training loop
-    follow each other): a machine that slows down or speeds up during the run affects every
-    variant alike, so the ratios measured in one run stay comparable.
+    Each variant runs one untimed call (compiling, first-touch allocations), one call whose
+    allocations are recorded, then ``repeat`` timed calls back to back, as the steps of a
+    training loop follow each other. The fractions (all outside included) are then timed in
+    ``repeat`` rounds, one call of each per round after an untimed one, so that a machine that
+    slows down or speeds up during the sweep affects every fraction alike.
     """
     variants = build_linear_variants(alpha)
-    runs = [(mode, 0.0) for mode in modes]
-    runs += [("fused", inside) for inside in fractions if inside > 0 and "fused" in modes]
-    problems = _problems(tokens, hidden, vocab, {inside for _, inside in runs}, dtype, device)
+    problems = _problems(tokens, hidden, vocab, {0.0, *fractions}, dtype, device)
     timings = []
-    for mode, inside in runs:
-        problem = problems[inside]
-        timing = LinearTiming(mode, inside, training_fraction=_training_fraction(alpha, problem))
-        _call(variants[mode], problem)  # compiles, touches fresh memory
-        timing.peak_extra_bytes = _peak_extra(variants[mode], problem)
+    for mode in modes:
+        timing = _setup(LinearTiming(mode, 0.0), variants[mode], problems[0.0], alpha)
+        timing.seconds = [_timed_call(variants[mode], problems[0.0]) for _ in range(repeat)]
+        _report(timing, progress)
         timings.append(timing)
+    if "fused" not in modes or not any(inside > 0 for inside in fractions):
+        return timings
+    fused = variants["fused"]
+    sweep = [LinearTiming("fused", inside, sweep=True) for inside in sorted({0.0, *fractions})]
+    for timing in sweep:
+        _setup(timing, fused, problems[timing.inside], alpha)
     for _ in range(repeat):
-        for timing in timings:
-            _call(variants[timing.mode], problems[timing.inside])
-            timing.seconds.append(_timed_call(variants[timing.mode], problems[timing.inside]))
-    for timing in timings:
-        progress(
-            f"  {timing.mode:15s} inside {timing.inside:4.0%}: {timing.median * 1e3:9.1f} ms, "
-            f"extra {_mib(timing.peak_extra_bytes)}"
-        )
-    return timings
+        for timing in sweep:
+            _call(fused, problems[timing.inside])
+            timing.seconds.append(_timed_call(fused, problems[timing.inside]))
+    for timing in sweep:
+        _report(timing, progress)
+    return timings + sweep
+
+
+def _setup(
+    timing: LinearTiming, function: LinearFn, problem: tuple[Tensor, Tensor, Tensor], alpha: float
+) -> LinearTiming:
+    """Training fraction, an untimed call (compiling, first touches) and the peak memory."""
+    timing.training_fraction = _training_fraction(alpha, problem)
+    _call(function, problem)
+    timing.peak_extra_bytes = _peak_extra(function, problem)
+    return timing
+
+
+def _report(timing: LinearTiming, progress: Callable[[str], None]) -> None:
+    progress(
+        f"  {timing.mode:15s} inside {timing.inside:4.0%}: {timing.median * 1e3:9.1f} ms, "
+        f"extra {_mib(timing.peak_extra_bytes)}" + (" (fraction sweep)" if timing.sweep else "")
+    )
 
 
 def _problems(
@@ -210,7 +228,7 @@ def _mib(size: int | None) -> str:
 def format_linear_table(timings: list[LinearTiming], shape: tuple[int, int, int]) -> str:
     """Markdown tables: variants with all rows outside the set, then the fused loss by fraction."""
     tokens, hidden, vocab = shape
-    outside = {t.mode: t for t in timings if t.inside == 0}
+    outside = {t.mode: t for t in timings if not t.sweep}
     lines = [
         f"(tokens, H, V) = ({tokens}, {hidden}, {vocab}); logits would be "
         f"{tokens * vocab * 4 / 2**20:.0f} MiB in float32; every row outside the credal set",
@@ -227,8 +245,9 @@ def format_linear_table(timings: list[LinearTiming], shape: tuple[int, int, int]
             f"| {mode} | {timing.median * 1e3:.0f} ms | {_mib(timing.peak_extra_bytes)} | "
             f"{to_fused} | {to_chunked} |"
         )
-    sweep = [t for t in timings if t.mode == "fused"]
-    if fused and len(sweep) > 1:
+    sweep = [t for t in timings if t.sweep]
+    if sweep:
+        all_outside = sweep[0]
         lines += [
             "",
             "| rows inside the set | training fraction | median fwd+bwd | time / all outside |",
@@ -237,7 +256,7 @@ def format_linear_table(timings: list[LinearTiming], shape: tuple[int, int, int]
         for timing in sweep:
             lines.append(
                 f"| {timing.inside:.0%} | {timing.training_fraction:.2f} | "
-                f"{timing.median * 1e3:.0f} ms | {timing.median / fused.median:.2f}x |"
+                f"{timing.median * 1e3:.0f} ms | {timing.median / all_outside.median:.2f}x |"
             )
     return "\n".join(lines)
 
@@ -252,6 +271,7 @@ def linear_json(timings: list[LinearTiming]) -> list[dict[str, Any]]:
             "median_s": t.median,
             "peak_extra_bytes": t.peak_extra_bytes,
             "training_fraction": t.training_fraction,
+            "fraction_sweep": t.sweep,
         }
         for t in timings
     ]
