@@ -19,7 +19,8 @@ from unittest import mock
 
 import torch
 
-from label_relaxation import _reference, label_relaxation_loss
+from label_relaxation import label_relaxation_loss
+from label_relaxation._impl import reference as _reference
 
 
 def timed_ms(fn: Callable[[], object], results: list[float]) -> None:

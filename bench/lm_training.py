@@ -33,7 +33,7 @@ from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from label_relaxation import label_relaxation_loss, linear_label_relaxation_loss
-from label_relaxation.benchmark import peak_allocated_bytes
+from label_relaxation.tools.benchmark import peak_allocated_bytes
 
 VARIANTS = ("hf-cross-entropy", "torch-chunked", "lr-unfused", "lr-fused")
 

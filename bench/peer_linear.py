@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
 
 from label_relaxation import linear_label_relaxation_loss
-from label_relaxation.linear_benchmark import (
+from label_relaxation.tools.linear_benchmark import (
     LinearTiming,
     _call,
     _peak_extra,

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from label_relaxation import _fused, label_relaxation_loss
+from label_relaxation import label_relaxation_loss
+from label_relaxation._impl import fused as _fused
 
 
 def operator_profile() -> None:

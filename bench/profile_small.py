@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
 
 from label_relaxation import LabelRelaxationLoss, label_relaxation_loss
-from label_relaxation.benchmark import quiet_profiler
+from label_relaxation.tools.benchmark import quiet_profiler
 
 
 def operator_calls(fn: Any, logits: torch.Tensor, target: torch.Tensor, backward: bool) -> Counter:

@@ -18,7 +18,7 @@ import json
 import statistics
 from typing import Any
 
-from label_relaxation import benchmark
+from label_relaxation.tools import benchmark
 
 TIMES = "\u00d7"  # the tables' multiplication sign
 EN_DASH = "\u2013"

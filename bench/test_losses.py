@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.conftest import bench_shapes
-from label_relaxation.benchmark import MODES, Variant, build_variants
+from label_relaxation.tools.benchmark import MODES, Variant, build_variants
 
 ALPHA = 0.1
 VARIANTS = {variant.name: variant for variant in build_variants(ALPHA, MODES)}

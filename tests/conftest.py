@@ -25,7 +25,8 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     and GPUs use), and the pure formulation.
     """
     if request.param.startswith("fused-chunked"):
-        from label_relaxation import _closed_form, _small
+        from label_relaxation._impl import closed_form as _closed_form
+        from label_relaxation._impl import small as _small
 
         monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
         if request.param.endswith("base2"):

@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("mlxtend")
 pytest.importorskip("torchmetrics")
 
-from label_relaxation import calibration
-from label_relaxation.cli import main
+from label_relaxation.tools import calibration
+from label_relaxation.tools.cli import main
 
 
 def test_tiny_run_writes_everything_with_metrics_in_range(

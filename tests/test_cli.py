@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from label_relaxation import benchmark, training_step
-from label_relaxation.cli import main
+from label_relaxation.tools import benchmark, training_step
+from label_relaxation.tools.cli import main
 
 FAST_MODES = "ce,ls,lr,lr-inplace,lr-reference,floor"
 

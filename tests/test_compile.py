@@ -284,7 +284,7 @@ def test_dynamic_batch_across_the_small_kernel_bound_compiles_once() -> None:
     """With dynamic shapes, batches below and above the eager small-input kernel's size bound
     (2^18 logits) share one graph: that bound is an eager decision and must not become a guard
     (it once did, and a batch across it recompiled)."""
-    from label_relaxation import _small
+    from label_relaxation._impl import small as _small
 
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(

@@ -21,7 +21,7 @@ def parameter_grads(
     inplace: bool, reduction: str = "mean", scale: float = 1.0
 ) -> list[torch.Tensor]:
     """In-place mode runs the chunked kernel; the comparison forces it for both calls."""
-    from label_relaxation import _small
+    from label_relaxation._impl import small as _small
 
     torch.manual_seed(3)
     linear, x, target = model_logits()
@@ -49,7 +49,7 @@ def test_inplace_gives_the_same_parameter_gradients(reduction: str, scale: float
 
 
 def test_inplace_writes_the_gradient_into_the_logits(monkeypatch: pytest.MonkeyPatch) -> None:
-    from label_relaxation import _small
+    from label_relaxation._impl import small as _small
 
     monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)  # in-place runs the chunked kernel
     linear, x, target = model_logits()
@@ -192,7 +192,7 @@ def test_non_cpu_path_reads_no_values(
     Meta tensors stand in for a GPU here: they have no values, so any ``.item()``, ``bool()``
     or data-dependent branch raises. Small device chunks exercise the chunk loop too.
     """
-    from label_relaxation import _fused
+    from label_relaxation._impl import fused as _fused
 
     monkeypatch.setattr(_fused, "DEVICE_CHUNK_ELEMENTS", 4 * 1000)
     leaf = torch.randn(64, 1000, device="meta", dtype=dtype, requires_grad=True)
@@ -217,7 +217,7 @@ def test_small_kernel_constants_made_in_inference_mode_serve_training() -> None:
     """The small-input kernel caches its scalar operands per alpha; the first call may come
     from inside torch.inference_mode() (an evaluation loop), and a training call must then
     still work and match a fresh computation."""
-    from label_relaxation import _small
+    from label_relaxation._impl import small as _small
 
     _small._constants.cache_clear()
     logits = torch.randn(8, 5) * 3
@@ -238,7 +238,7 @@ def test_small_kernel_constants_made_in_inference_mode_serve_training() -> None:
 def test_small_kernel_constants_stay_on_the_cpu_under_another_default_device() -> None:
     """The cached scalar operands are made on the CPU even when the caller has set another
     default device (here "meta") for new tensors."""
-    from label_relaxation import _small
+    from label_relaxation._impl import small as _small
 
     _small._constants.cache_clear()
     logits = torch.randn(8, 5) * 3

@@ -15,10 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from label_relaxation import (
     LinearLabelRelaxationLoss,
-    _linear,
     label_relaxation_loss,
     linear_label_relaxation_loss,
 )
+from label_relaxation._impl import fused_linear as _linear
 from tests.reference import expected_gradient, projected_kl
 
 H, V = 12, 40

@@ -243,7 +243,7 @@ def test_single_row(implementation: str) -> None:
 @pytest.mark.parametrize("implementation_", ["fused", "reference"])
 def test_large_chunked_input_with_weights_and_ignored_rows(implementation_: str) -> None:
     """Several chunks of the fused path, per-row alpha, class weights and ignored rows."""
-    from label_relaxation import _fused
+    from label_relaxation._impl import fused as _fused
 
     rows, classes = 3 * (_fused.CHUNK_ELEMENTS // 4099) + 5, 4099
     logits = torch.randn(rows, classes) * 4
@@ -304,7 +304,8 @@ def test_loss_relative_precision_just_outside_the_set(implementation: str, alpha
 @pytest.mark.parametrize("rows", [8, 9, 10, 17, 18, 19, 28])
 def test_chunk_edges_with_odd_row_counts(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
     """The chunked kernel with 9-row chunks: row counts just around one, two and three chunks."""
-    from label_relaxation import _fused, _small
+    from label_relaxation._impl import fused as _fused
+    from label_relaxation._impl import small as _small
 
     monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
     monkeypatch.setattr(_fused, "CHUNK_ELEMENTS", 9 * 7)
@@ -315,7 +316,8 @@ def test_chunk_edges_with_odd_row_counts(monkeypatch: pytest.MonkeyPatch, rows: 
 
 def test_weighted_ignored_rows_at_chunk_edges(monkeypatch: pytest.MonkeyPatch) -> None:
     """Class weights with ignored rows on both sides of each chunk boundary (9-row chunks)."""
-    from label_relaxation import _fused, _small
+    from label_relaxation._impl import fused as _fused
+    from label_relaxation._impl import small as _small
 
     monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
     monkeypatch.setattr(_fused, "CHUNK_ELEMENTS", 9 * 7)

@@ -2,6 +2,6 @@
 
 import sys
 
-from label_relaxation.cli import main
+from label_relaxation.tools.cli import main
 
 sys.exit(main())

@@ -19,10 +19,10 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from label_relaxation import _validation as check
-from label_relaxation._fused import compute_dtype
-from label_relaxation._validation import Reduction
-from label_relaxation._vocab_parallel import vocab_parallel_rows
+from label_relaxation._impl import validation as check
+from label_relaxation._impl.fused import compute_dtype
+from label_relaxation._impl.validation import Reduction
+from label_relaxation._impl.vocab_parallel import vocab_parallel_rows
 from label_relaxation.functional import prepare_targets
 
 

@@ -8,16 +8,16 @@ from typing import Literal, NamedTuple, TypeAlias
 import torch
 from torch import Tensor
 
-from label_relaxation import _small
-from label_relaxation import _validation as check
-from label_relaxation._closed_form import AlphaLike
-from label_relaxation._compiled import compiled_rows
-from label_relaxation._fused import apply_fused, compute_dtype, fused_rows, needs_gradient
-from label_relaxation._graph_checks import raise_if_invalid
-from label_relaxation._inplace import check_inplace_allowed
-from label_relaxation._reference import reference_rows
-from label_relaxation._small import small_call
-from label_relaxation._validation import Reduction
+from label_relaxation._impl import small as _small
+from label_relaxation._impl import validation as check
+from label_relaxation._impl.closed_form import AlphaLike
+from label_relaxation._impl.compiled import compiled_rows
+from label_relaxation._impl.fused import apply_fused, compute_dtype, fused_rows, needs_gradient
+from label_relaxation._impl.graph_checks import raise_if_invalid
+from label_relaxation._impl.inplace import check_inplace_allowed
+from label_relaxation._impl.reference import reference_rows
+from label_relaxation._impl.small import small_call
+from label_relaxation._impl.validation import Reduction
 
 Implementation: TypeAlias = Literal["auto", "fused", "reference"]
 _IMPLEMENTATIONS = ("auto", "fused", "reference")
@@ -208,7 +208,7 @@ def _needs_other_grad(rows: _Rows, weight: Tensor | None) -> bool:
 def _use_compiled_kernel(rows: _Rows, weight: Tensor | None, implementation: str) -> bool:
     """Under ``torch.compile`` alone: the closed form with its gradient written out.
 
-    See :mod:`label_relaxation._compiled`; transforms and second derivatives need the pure one.
+    See :mod:`label_relaxation._impl.compiled`; transforms and second derivatives need the pure one.
     """
     return (
         implementation == "auto"

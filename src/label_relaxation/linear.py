@@ -1,7 +1,7 @@
 """The output layer fused with the loss: ``linear_label_relaxation_loss``.
 
 It mirrors ``torch.nn.functional.linear_cross_entropy`` (torch 2.15): the same arguments in the
-same places, plus ``alpha``. The kernel lives in :mod:`label_relaxation._linear`.
+same places, plus ``alpha``. The kernel lives in :mod:`label_relaxation._impl.fused_linear`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from label_relaxation import _validation as check
-from label_relaxation._fused import compute_dtype
-from label_relaxation._linear import LinearLoss, LinearProblem, default_block_rows
-from label_relaxation._validation import Reduction
+from label_relaxation._impl import validation as check
+from label_relaxation._impl.fused import compute_dtype
+from label_relaxation._impl.fused_linear import LinearLoss, LinearProblem, default_block_rows
+from label_relaxation._impl.validation import Reduction
 from label_relaxation.functional import (
     is_dtensor,
     is_transformed,

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from label_relaxation import _validation as check
-from label_relaxation._validation import Reduction
+from label_relaxation._impl import validation as check
+from label_relaxation._impl.validation import Reduction
 from label_relaxation.functional import Implementation, label_relaxation_loss
 from label_relaxation.linear import linear_label_relaxation_loss
 from label_relaxation.soft import mixup_label_relaxation_loss, soft_label_relaxation_loss

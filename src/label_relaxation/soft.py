@@ -23,11 +23,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from label_relaxation import _validation as check
-from label_relaxation._fused import apply_fused, compute_dtype
-from label_relaxation._fused_mixup import fused_mixup_rows
-from label_relaxation._graph_checks import raise_if_invalid
-from label_relaxation._validation import Reduction
+from label_relaxation._impl import validation as check
+from label_relaxation._impl.fused import apply_fused, compute_dtype
+from label_relaxation._impl.fused_mixup import fused_mixup_rows
+from label_relaxation._impl.graph_checks import raise_if_invalid
+from label_relaxation._impl.validation import Reduction
 from label_relaxation.functional import Implementation, check_implementation, is_transformed
 
 

@@ -4,7 +4,7 @@ An MLP 64-256-256-10 (the size of scikit-learn's digits) on a batch of 64, SGD w
 forward, loss, backward and optimizer step, with ``nn.CrossEntropyLoss``, label smoothing and
 :class:`~label_relaxation.LabelRelaxationLoss`, eager and with the step compiled by
 ``torch.compile``. Data are random: a step's cost does not depend on their values. Timing
-follows :mod:`label_relaxation.benchmark`: blocks of steps, interleaved rounds, medians.
+follows :mod:`label_relaxation.tools.benchmark`: blocks of steps, interleaved rounds, medians.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from label_relaxation.benchmark import BLOCK_SECONDS, MAX_CALLS, block_calls
 from label_relaxation.modules import LabelRelaxationLoss
+from label_relaxation.tools.benchmark import BLOCK_SECONDS, MAX_CALLS, block_calls
 
 FEATURES, HIDDEN, CLASSES, BATCH = 64, 256, 10, 64
 CRITERIA = ("cross-entropy", "label smoothing", "label relaxation")

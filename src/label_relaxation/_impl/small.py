@@ -10,7 +10,7 @@ subtraction); ``log p_y`` comes from the shifted target logit, so it is exact wh
 underflows; and every per-row quantity is a handful of ``(N, 1)`` operations with the
 Python-float alpha and the row weight shared by every row folded into their constants.
 
-The chunked kernel (:mod:`label_relaxation._fused`) takes over above :data:`SMALL_ELEMENTS`,
+The chunked kernel (:mod:`label_relaxation._impl.fused`) takes over above :data:`SMALL_ELEMENTS`,
 where passes over memory, not calls, set the cost. :func:`small_call` prepares the arguments
 (one ``aminmax`` reads and checks the targets) and falls back, returning ``None``, where the
 general path must run.
@@ -25,9 +25,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from label_relaxation import _validation as check
-from label_relaxation._closed_form import AlphaLike
-from label_relaxation._fused import apply_fused, compute_dtype
+from label_relaxation._impl import validation as check
+from label_relaxation._impl.closed_form import AlphaLike
+from label_relaxation._impl.fused import apply_fused, compute_dtype
 
 # Up to 2^18 logits (1 MiB of float32). The bound is conservative: in one comparison on a 2-core
 # AVX-512 Xeon this kernel was also faster than the chunked one at 65536x10 and 1024x1000;

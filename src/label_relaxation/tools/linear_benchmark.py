@@ -10,7 +10,8 @@ Variants, all forward+backward of ``(tokens, H)`` features through a ``(V, H)`` 
 * ``fused-compiled``: the same inside ``torch.compile(fullgraph=True)``.
 
 Peak memory is measured in one untimed call, by the allocator's records
-(:func:`label_relaxation.benchmark.peak_allocated_bytes`), less the gradients the call returns.
+(:func:`label_relaxation.tools.benchmark.peak_allocated_bytes`), less the gradients the call
+returns.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from label_relaxation.benchmark import peak_allocated_bytes
 from label_relaxation.functional import label_relaxation_loss
 from label_relaxation.linear import linear_label_relaxation_loss
+from label_relaxation.tools.benchmark import peak_allocated_bytes
 
 LINEAR_MODES = ("matmul-ce", "matmul-lr", "torch-chunked", "fused", "fused-compiled")
 INSIDE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)

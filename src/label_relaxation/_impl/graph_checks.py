@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from label_relaxation import _validation as check
+from label_relaxation._impl import validation as check
 
 EagerCheck = Callable[[Tensor, int, "int | None"], None]
 

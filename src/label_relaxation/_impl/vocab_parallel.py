@@ -2,7 +2,7 @@
 
 Each rank holds the logits of every row for its own slice of the classes. The closed form needs
 per row only the maximum, the non-target mass and the target's shifted logit (its mass is the
-exponential of that; :mod:`label_relaxation._closed_form`), so the forward pass makes two
+exponential of that; :mod:`label_relaxation._impl.closed_form`), so the forward pass makes two
 all-reduces of a few numbers per row: the maximum, then the two sums, stacked into one tensor
 (the rank that holds a row's target contributes its shifted logit, the others 0). Every rank then
 holds the same loss rows, and computes the gradient of its own slice, ``w·(p - q)``, locally:
@@ -20,10 +20,10 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from label_relaxation._closed_form import (
+from label_relaxation._impl.closed_form import (
     AlphaLike,
 )
-from label_relaxation._compiled import (
+from label_relaxation._impl.compiled import (
     RowCoefficients,
     coefficients_from_statistics,
     gradient_from_coefficients,

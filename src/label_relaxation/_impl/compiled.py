@@ -1,14 +1,14 @@
 """The path ``torch.compile`` traces: the closed form with its gradient ``w·(p - q)`` written out.
 
-Left to autograd, the pure formulation (:mod:`label_relaxation._reference`) makes Inductor carry
-the target logit through a second masked sum and neutralise ignored rows element by element in
-the forward pass, and the backward pass differentiates all of it. Here the forward pass reads
-the target logit with a gather, sums the mass below the row maximum and counts the maxima
-(compares with the maximum's value, never a class-index vector per logit), from which the
+Left to autograd, the pure formulation (:mod:`label_relaxation._impl.reference`) makes Inductor
+carry the target logit through a second masked sum and neutralise ignored rows element by
+element in the forward pass, and the backward pass differentiates all of it. Here the forward
+pass reads the target logit with a gather, sums the mass below the row maximum and counts the
+maxima (compares with the maximum's value, never a class-index vector per logit), from which the
 non-target mass follows without ``1 - p_y``, and keeps per row the two numbers the gradient
 needs: ``w·(1 - alpha/r)/total`` for the off-target entries and ``w·(alpha - r)`` for the
-target. The backward pass recomputes ``exp(z - m)`` in one fused pass, as compiled
-cross-entropy does, and scatters the target entries afterwards.
+target. The backward pass recomputes ``exp(z - m)`` in one fused pass, as compiled cross-entropy
+does, and scatters the target entries afterwards.
 
 First-order only (``once_differentiable``); ``torch.func`` transforms, forward-mode AD, a
 gradient for alpha or the class weights, and ``implementation="reference"`` keep the pure
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from label_relaxation._closed_form import (
+from label_relaxation._impl.closed_form import (
     LOG2_E,
     AlphaLike,
     exp_base,

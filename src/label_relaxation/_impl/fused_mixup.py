@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from label_relaxation._closed_form import exp_base
-from label_relaxation._fused import (
+from label_relaxation._impl.closed_form import exp_base
+from label_relaxation._impl.fused import (
     exp_shifted_into,
     exponent,
     for_each_chunk,

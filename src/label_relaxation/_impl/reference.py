@@ -4,7 +4,7 @@ This path is made only of out-of-place, shape-static tensor operations (``where`
 ``sum``, ``exp``/``exp2``, ``log``). It is what ``torch.func`` transforms (``vmap``, ``grad``,
 ``jvp``, ``jacfwd``, ``hessian``) run, the path for double backward and for gradients with
 respect to alpha or the class weights, and what ``torch.compile`` traces for
-``implementation="reference"`` (otherwise it traces :mod:`label_relaxation._compiled`). Its
+``implementation="reference"`` (otherwise it traces :mod:`label_relaxation._impl.compiled`). Its
 gradient is autograd's derivative of the closed form, which equals ``p - q`` (the projection is
 the minimiser, so its own derivative drops out).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from label_relaxation._closed_form import (
+from label_relaxation._impl.closed_form import (
     LOG2_E,
     AlphaLike,
     exp_base,

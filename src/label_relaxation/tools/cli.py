@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from label_relaxation import benchmark, linear_benchmark, training_step
-from label_relaxation.linear_benchmark import LINEAR_MODES
+from label_relaxation.tools import benchmark, linear_benchmark, training_step
+from label_relaxation.tools.linear_benchmark import LINEAR_MODES
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHAPES = "2048x32000"
@@ -179,7 +179,7 @@ def _alphas(text: str) -> list[float]:
 
 
 def _datasets(text: str) -> list[str]:
-    from label_relaxation.calibration import DATASETS
+    from label_relaxation.tools.calibration import DATASETS
 
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [name for name in names if name not in DATASETS]
@@ -249,7 +249,7 @@ def run_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         )
     from dataclasses import replace
 
-    from label_relaxation import calibration
+    from label_relaxation.tools import calibration
 
     config = calibration.PRESETS[args.preset]
     overrides = {

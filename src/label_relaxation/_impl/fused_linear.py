@@ -11,12 +11,12 @@ training rows are packed to the front and only they enter the matrix products.
 gradient must scale it before it enters ``∂W``), so its forward pass keeps only the loss rows
 and its backward pass computes the logits a second time, block by block.
 
-The per-block arithmetic is the cache-chunked in-place kernel of :mod:`label_relaxation._fused`;
-with the weight split along the classes across ranks, the in-place kernel of
-:mod:`label_relaxation._vocab_parallel`, whose row statistics are all-reduced. Under
-``torch.compile`` the block loop runs as ``torch.library`` operators defined below: the graph
-compiles whole (``fullgraph=True``), its compile time does not grow with the number of blocks,
-and it never holds more than one block's logits either.
+The per-block arithmetic is the cache-chunked in-place kernel of
+:mod:`label_relaxation._impl.fused`; with the weight split along the classes across ranks, the
+in-place kernel of :mod:`label_relaxation._impl.vocab_parallel`, whose row statistics are
+all-reduced. Under ``torch.compile`` the block loop runs as ``torch.library`` operators defined
+below: the graph compiles whole (``fullgraph=True``), its compile time does not grow with the
+number of blocks, and it never holds more than one block's logits either.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from label_relaxation._closed_form import AlphaLike
-from label_relaxation._fused import compute_dtype, fused_rows
+from label_relaxation._impl.closed_form import AlphaLike
+from label_relaxation._impl.fused import compute_dtype, fused_rows
 
 # CPU: 20 MiB of float32 logits per block, 1.25x the 16 MiB blocks of PyTorch's chunked
 # linear_cross_entropy. The products then have about 160 rows for a 32k vocabulary, where the
@@ -224,7 +224,7 @@ def _sharded_block(
 ) -> tuple[Tensor, Tensor]:
     """:func:`_block` for a weight split along the classes: row statistics all-reduced."""
     # Imported here: torch.distributed is not needed (nor always built) elsewhere.
-    from label_relaxation._vocab_parallel import eager_vocab_parallel
+    from label_relaxation._impl.vocab_parallel import eager_vocab_parallel
 
     logits = problem.block_logits(rows)
     local_target = problem.target[rows] - problem.vocab_start

@@ -9,7 +9,7 @@ gradient, and skips even that when the incoming gradient is exactly 1 on the CPU
 are read once from memory and the gradient is written once.
 
 This path runs in plain eager mode only; :mod:`label_relaxation.functional` sends
-``torch.compile`` to :mod:`label_relaxation._compiled`, and ``torch.func`` and forward-mode AD
+``torch.compile`` to :mod:`label_relaxation._impl.compiled`, and ``torch.func`` and forward-mode AD
 to the pure formulation.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from label_relaxation._closed_form import (
+from label_relaxation._impl.closed_form import (
     AlphaLike,
     ExpBase,
     exp_base,
