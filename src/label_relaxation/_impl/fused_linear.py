@@ -32,13 +32,13 @@ from label_relaxation._impl.fused import compute_dtype, fused_rows
 # CPU: 20 MiB of float32 logits per block, 1.25x the 16 MiB blocks of PyTorch's chunked
 # linear_cross_entropy. The products then have about 160 rows for a 32k vocabulary, where the
 # CPU's GEMM reaches most of its speed. At (4096, 1024, 32000), against 16 MiB blocks (131 rows),
-# medians of 3 in alternating processes: all rows outside 0.96-0.99x the time, 75% inside
-# 0.87-0.91x.
+# both with the weight-gradient pieces below (alternating processes, medians of 3, three
+# rounds): 0.95-0.98x the time with every row outside and with 75% inside, 0.97-1.02x at 50%.
 CPU_BLOCK_ELEMENTS = 5 << 20
 # ... but never fewer rows than this: each product of a block reads the whole (V, H) weight or
 # its gradient, so blocks of a few rows make that reading the cost. At (2048, 1024, 128256)
-# 2^22 logits are 32 rows: PyTorch's chunked loss, with 32-row blocks there, took 1.57x the
-# unfused time; the fused loss with 128-row blocks 0.98x (docs/language-models.md).
+# 5·2^20 logits are 40 rows: PyTorch's chunked loss, with 32-row blocks there, took 1.37-1.57x
+# the unfused time; the fused loss with 128-row blocks 0.90-0.98x (docs/language-models.md).
 CPU_MIN_BLOCK_ROWS = 128
 # Other devices (not measured: no GPU was available): 256 MiB of float32 per block, so that
 # each product is large and the launches of the per-block operations are few.
