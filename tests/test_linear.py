@@ -26,7 +26,7 @@ H, V = 12, 40
 
 @pytest.fixture(autouse=True, params=["packed", "unpacked"])
 def packing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run each test with training rows packed before the products (as for H >= 256) and not."""
+    """Run each test with training rows packed (as on the CPU from H = 64) and not."""
     threshold = 0 if request.param == "packed" else 1 << 30
     monkeypatch.setattr(_linear, "PACK_MIN_HIDDEN", threshold)
     return str(request.param)
