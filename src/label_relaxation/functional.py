@@ -16,7 +16,6 @@ from label_relaxation._impl.fused import apply_fused, compute_dtype, fused_rows,
 from label_relaxation._impl.graph_checks import raise_if_invalid
 from label_relaxation._impl.inplace import check_inplace_allowed
 from label_relaxation._impl.reference import reference_rows
-from label_relaxation._impl.small import small_call
 from label_relaxation._impl.validation import Reduction
 
 Implementation: TypeAlias = Literal["auto", "fused", "reference"]
@@ -351,7 +350,7 @@ def label_relaxation_loss(
     if check.check_target_kind(target, logits) and _small_applies(
         logits, target, weight, inplace, implementation
     ):
-        loss = small_call(logits, target, alpha, weight, ignore_index, reduction, validate)
+        loss = _small.small_call(logits, target, alpha, weight, ignore_index, reduction, validate)
         if loss is not None:
             return loss
     rows = _prepare(logits, target, alpha, weight, ignore_index, reduction, validate)

@@ -20,9 +20,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from label_relaxation._impl.closed_form import (
-    AlphaLike,
-)
+from label_relaxation._impl.closed_form import AlphaLike
 from label_relaxation._impl.compiled import (
     RowCoefficients,
     coefficients_from_statistics,

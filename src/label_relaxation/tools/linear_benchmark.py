@@ -163,17 +163,19 @@ def measure_linear(
     slows down or speeds up during the sweep affects every fraction alike.
     """
     variants = build_linear_variants(alpha)
-    problems = _problems(tokens, hidden, vocab, {0.0, *fractions}, dtype, device)
+    sweeping = "fused" in modes and any(inside > 0 for inside in fractions)
+    swept = sorted({0.0, *fractions}) if sweeping else [0.0]
+    problems = _problems(tokens, hidden, vocab, swept, dtype, device)
     timings = []
     for mode in modes:
         timing = _setup(LinearTiming(mode, 0.0), variants[mode], problems[0.0], alpha)
         timing.seconds = [_timed_call(variants[mode], problems[0.0]) for _ in range(repeat)]
         _report(timing, progress)
         timings.append(timing)
-    if "fused" not in modes or not any(inside > 0 for inside in fractions):
+    if not sweeping:
         return timings
     fused = variants["fused"]
-    sweep = [LinearTiming("fused", inside, sweep=True) for inside in sorted({0.0, *fractions})]
+    sweep = [LinearTiming("fused", inside, sweep=True) for inside in swept]
     for timing in sweep:
         _setup(timing, fused, problems[timing.inside], alpha)
     for _ in range(repeat):
@@ -206,14 +208,18 @@ def _problems(
     tokens: int,
     hidden: int,
     vocab: int,
-    fractions: set[float],
+    fractions: list[float],
     dtype: torch.dtype,
     device: torch.device,
 ) -> dict[float, tuple[Tensor, Tensor, Tensor]]:
-    """One problem per fraction inside, all sharing one weight (equal anyway: same seed)."""
+    """One problem per fraction inside, all holding the first one's weight.
+
+    The weights are equal anyway (the same seed draws them); sharing keeps one ``(V, H)``
+    weight in memory, not one per fraction.
+    """
     problems = {}
     shared_weight = None
-    for inside in sorted(fractions):
+    for inside in fractions:
         x, weight, target = make_problem(
             tokens, hidden, vocab, inside=inside, dtype=dtype, device=device
         )
