@@ -166,7 +166,10 @@ class CountedProducts(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_weight_gradient_of_a_packed_block_runs_in_pieces(packing: str, reduction: str) -> None:
+def test_weight_gradient_of_a_packed_block_runs_in_pieces(
+    packing: str, reduction: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_linear, "WEIGHT_PIECES_MIN_HIDDEN", H)
     torch.manual_seed(3)
     x, w, b, target = make_inputs((96,), inside=0.3)
     with CountedProducts() as products:

@@ -120,9 +120,12 @@ PACK_MIN_HIDDEN = 64
 # WEIGHT_ONE_PRODUCT_ROWS runs in pieces of at most WEIGHT_PIECE_ROWS rows. This CPU's float32
 # GEMM into a (32000, 1024) accumulator took 9-11 ms for up to 47 rows, but 22 ms for 48 and
 # 30 ms for 82 as one product, against 17.5 ms for 64 rows and 23.4 ms for 82 in pieces of at
-# most 40; from about 140 rows one product is faster.
+# most 40; from about 140 rows one product is faster. Only from WEIGHT_PIECES_MIN_HIDDEN
+# features: at H = 256 the pieces made (2048, 256, 32000) slower (50% of the rows inside:
+# 354-369 against 329-333 ms as one product), at H = 512, 1024 and 2048 faster.
 WEIGHT_PIECE_ROWS = 40
 WEIGHT_ONE_PRODUCT_ROWS = 128
+WEIGHT_PIECES_MIN_HIDDEN = 512
 
 
 def _pack_training_rows(block_grad: Tensor, trains: Tensor) -> Tensor | None:
@@ -169,7 +172,8 @@ def _accumulate(
     if grads.weight is not None:
         # Half precision: the accumulator and this product are float32, as no half-precision
         # product accumulates across blocks.
-        _add_weight_product(grads.weight, block_grad, block_input.to(grads.weight.dtype), skip_rows)
+        in_pieces = skip_rows and block_input.shape[1] >= WEIGHT_PIECES_MIN_HIDDEN
+        _add_weight_product(grads.weight, block_grad, block_input.to(grads.weight.dtype), in_pieces)
     if grads.bias is not None:
         grads.bias.add_(block_grad.sum(0))
 
