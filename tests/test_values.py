@@ -314,6 +314,29 @@ def test_chunk_edges_with_odd_row_counts(monkeypatch: pytest.MonkeyPatch, rows: 
     assert_matches_reference(logits, target, 0.2, "fused")
 
 
+@pytest.mark.parametrize("rows", [8, 9, 10, 17, 18, 19])
+def test_forward_only_chunk_edges_of_wide_rows(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """Forward only, rows of 70 classes in 9-row chunks (the forward-only chunk bound)."""
+    from label_relaxation._impl import fused as _fused
+    from label_relaxation._impl import small as _small
+
+    classes = 70
+    assert classes >= _fused.FORWARD_CHUNK_MIN_CLASSES
+    monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
+    monkeypatch.setattr(_fused, "FORWARD_CHUNK_ELEMENTS", 9 * classes)
+    logits = rows_just_outside(1e-3, rows, classes)
+    target = torch.zeros(rows, dtype=torch.long)
+    target[1::4] = -100  # on both sides of chunk boundaries, not on all of them
+    with torch.no_grad():
+        loss = label_relaxation_loss(logits, target, 1e-3, reduction="none")
+    counted = target != -100
+    reference = projected_kl(logits[counted], target[counted], 1e-3)
+    assert bool((loss[~counted] == 0).all())
+    # The relative precision just outside the set (see the test above).
+    relative = ((loss[counted].double() - reference).abs() / reference).max()
+    assert relative <= 5e-5, f"max relative loss error {relative:.2e}"
+
+
 def test_weighted_ignored_rows_at_chunk_edges(monkeypatch: pytest.MonkeyPatch) -> None:
     """Class weights with ignored rows on both sides of each chunk boundary (9-row chunks)."""
     from label_relaxation._impl import fused as _fused
