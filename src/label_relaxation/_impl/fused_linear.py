@@ -66,16 +66,13 @@ class LinearProblem(NamedTuple):
     vocab_start: int = 0
     group_name: str = ""
 
-    def block_logits(self, rows: slice, buffers: BlockBuffers | None = None) -> Tensor:
-        """Logits of ``rows`` in the compute dtype (half-precision products, as ``F.linear``).
+    def block_logits(self, rows: slice, buffers: BlockBuffers) -> Tensor:
+        """Logits of ``rows`` in the compute dtype, written into ``buffers``.
 
-        ``buffers`` (from :func:`BlockBuffers.allocate`) receive the product and its float32
-        copy, so that the blocks of one call reuse the same memory.
+        Half-precision products are computed in their dtype, as ``F.linear`` does, then copied
+        to float32.
         """
         block_input = self.input[rows]
-        if buffers is None:
-            logits = torch.nn.functional.linear(block_input, self.weight, self.bias)
-            return logits.to(compute_dtype(logits.dtype))
         count = block_input.shape[0]
         product = buffers.product[:count]
         if self.bias is None:
