@@ -300,10 +300,11 @@ def test_never_holds_more_than_one_block_of_logits(reduction: str) -> None:
     assert mode.largest == max(block * vocab, vocab * hidden)
 
 
-def test_half_precision_is_no_less_accurate_than_unfused() -> None:
+@pytest.mark.parametrize("chunk_size", [None, 7])  # one block; blocks sharing the buffers
+def test_half_precision_is_no_less_accurate_than_unfused(chunk_size: int | None) -> None:
     torch.manual_seed(1)
     x, w, b, target = make_inputs((256,), dtype=torch.bfloat16)
-    loss = linear_label_relaxation_loss(x, w, target, 0.1, linear_bias=b)
+    loss = linear_label_relaxation_loss(x, w, target, 0.1, linear_bias=b, chunk_size=chunk_size)
     fused = torch.autograd.grad(loss, (x, w, b))
     unfused_loss = label_relaxation_loss(F.linear(x, w, b), target, 0.1)
     unfused = torch.autograd.grad(unfused_loss, (x, w, b))

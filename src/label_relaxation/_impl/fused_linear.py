@@ -164,8 +164,13 @@ def _accumulate(
     trains: Tensor,
     start: int,
     skip_rows: bool,
+    product_buffer: Tensor,
 ) -> None:
-    """Add one block's share to the gradients; ``block_grad`` may be overwritten."""
+    """Add one block's share to the gradients; ``block_grad`` may be overwritten.
+
+    ``product_buffer`` is the call's ``BlockBuffers.product``, free once the block's logits
+    are in ``block_grad``: half-precision gradients take it for the input gradient's product.
+    """
     rows = slice(start, start + block_grad.shape[0])
     index = _pack_training_rows(block_grad, trains) if skip_rows else None
     if index is not None:
@@ -173,8 +178,10 @@ def _accumulate(
         block_input = block_input.index_select(0, index)
     if block_grad.shape[0] == 0:
         return  # the input gradient of these rows stays zero
-    product_grad = block_grad.to(weight.dtype)
     if grads.input is not None:
+        product_grad = block_grad
+        if block_grad.dtype != weight.dtype:
+            product_grad = product_buffer[: block_grad.shape[0]].copy_(block_grad)
         if index is None:
             torch.mm(product_grad, weight, out=grads.input[rows])
         else:
@@ -203,7 +210,12 @@ def _add_weight_product(
 
 
 def accumulate_gradients(
-    grads: Gradients, block_grad: Tensor, problem: LinearProblem, trains: Tensor, start: int
+    grads: Gradients,
+    block_grad: Tensor,
+    problem: LinearProblem,
+    trains: Tensor,
+    start: int,
+    buffers: BlockBuffers,
 ) -> None:
     """Add one block's gradient ``block_grad`` (rows from ``start``) to ``grads``.
 
@@ -212,7 +224,9 @@ def accumulate_gradients(
     """
     block_input = problem.input[start : start + block_grad.shape[0]]
     skip_rows = block_grad.device.type == "cpu" and block_input.shape[1] >= PACK_MIN_HIDDEN
-    _accumulate(grads, block_grad, block_input, problem.weight, trains, start, skip_rows)
+    _accumulate(
+        grads, block_grad, block_input, problem.weight, trains, start, skip_rows, buffers.product
+    )
 
 
 def _block(
@@ -233,7 +247,7 @@ def _block(
     trains = torch.empty(logits.shape[0], dtype=torch.bool, device=logits.device)
     # The gradient overwrites the block's logits, so a block needs one buffer, not two.
     loss = fused_rows(logits, target, alpha, row_weight, logits, trains)
-    accumulate_gradients(grads, logits, problem, trains, rows.start)
+    accumulate_gradients(grads, logits, problem, trains, rows.start, buffers)
     return loss, trains
 
 
@@ -264,7 +278,7 @@ def _sharded_block(
     )
     trains = (coefficients.off_target != 0) | (coefficients.on_target != 0)
     if grads is not None:
-        accumulate_gradients(grads, logits, problem, trains, rows.start)
+        accumulate_gradients(grads, logits, problem, trains, rows.start, buffers)
     return coefficients.loss, trains
 
 
