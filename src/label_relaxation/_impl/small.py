@@ -8,7 +8,9 @@ gradient buffer itself and one in-place ``exp`` give the unnormalised probabilit
 non-target mass ``r·total`` is summed directly (``r = 1 - p_y`` is never formed by a
 subtraction); ``log p_y`` comes from the shifted target logit, so it is exact where ``p_y``
 underflows; and every per-row quantity is a handful of ``(N, 1)`` operations with the
-Python-float alpha and the row weight shared by every row folded into their constants.
+Python-float alpha and the row weight shared by every row folded into their constants. Without
+a gradient (evaluation loops) the per-row part works in log space, two calls fewer, since
+nothing there needs ``r - alpha`` to float32's relative precision.
 
 The chunked kernel (:mod:`label_relaxation._impl.fused`) takes over above :data:`SMALL_ELEMENTS`,
 where passes over memory, not calls, set the cost. :func:`small_call` prepares the arguments
@@ -78,39 +80,69 @@ def small_rows(
     mass = shifted.exp_()
     mass.scatter_(-1, index, 0.0)
     rest = mass.sum(-1, keepdim=True)
+    if grad_out is None:
+        loss = _loss_without_gradient(rest, target_shifted, const)
+    else:
+        loss, excess = _loss_and_excess(rest, target_shifted, const)
+    if own_weights is not None:
+        loss = loss.mul_(own_weights)
+    if ignored is not None:
+        loss = loss.masked_fill_(ignored, 0.0)
+    if grad_out is not None:
+        _write_gradient(mass, index, rest, excess, own_weights, ignored, const.zero)
+        if not direct:
+            grad_out.copy_(mass)
+    return loss
+
+
+def _loss_without_gradient(rest: Tensor, target_shifted: Tensor, const: _Constants) -> Tensor:
+    """``w·loss`` per row from the non-target mass ``rest`` and ``z_y - m``, both ``(N, 1)``.
+
+    In log space: ``log(total) = logaddexp(log(rest), z_y - m)`` keeps the relative precision
+    of the smaller term (where y is the maximum it is ``log1p(rest)``) in one call, and
+    ``log r = log(rest) - log(total)`` decides, which leaves eight calls per row where
+    :func:`_loss_and_excess` takes ten; without a gradient nothing needs ``r - alpha`` itself.
+    A row whose ``rest`` is 0 has ``log r = -inf``: inside. The comparison is False for NaN.
+    """
+    log_rest = rest.log()
+    log_total = torch.logaddexp(log_rest, target_shifted)
+    log_r = log_rest.sub_(log_total)
+    inside = torch.le(log_r, const.log_alpha)
+    # (1-a)·(log(1-a) - log p_y) + a·(log a - log r) with log p_y = (z_y - m) - log(total)
+    # is c + (1-a)·log(total) - (1-a)·(z_y - m) - a·log r; w is in every constant.
+    loss = torch.addcmul(const.offset_w, log_total, const.one_minus_alpha_w)
+    loss = loss.addcmul_(target_shifted, const.alpha_minus_one_w)
+    return loss.addcmul_(log_r, const.neg_alpha_w).masked_fill_(inside, 0.0)
+
+
+def _loss_and_excess(
+    rest: Tensor, target_shifted: Tensor, const: _Constants
+) -> tuple[Tensor, Tensor]:
+    """``(w·loss, w·(r - alpha))`` per row, ``(N, 1)`` each: what the gradient needs too.
+
+    ``r - alpha`` is formed from ``rest`` and ``total`` directly, so that the gradient keeps
+    float32's relative precision right up to the boundary of the set.
+    """
     # total = rest + p'_y, and log(total) = log1p(rest + (p'_y - 1)) with p'_y - 1 as expm1:
     # where y is the row's maximum that is exactly 0, and log1p keeps the relative precision
     # of rest (r = 1 - p_y is never formed by a subtraction); elsewhere p_y <= 1/2 and the sum
     # is well conditioned.
     total_minus_one = torch.add(rest, torch.expm1(target_shifted))
     log_total = torch.log1p(total_minus_one)
-    # One decision, inside the credal set or not, for loss and gradient: r <= alpha with
-    # r = rest/total. The comparisons are False for NaN: NaN logits give NaN, as in
-    # cross-entropy.
-    if grad_out is None:
-        # rest - alpha·total <= 0 as rest - alpha·(total - 1) <= alpha: two calls, no division.
-        inside = torch.le(torch.addcmul(rest, total_minus_one, const.neg_alpha), const.alpha)
-    else:
-        # With the shared row weight w folded in: total/w = 1/w + (total - 1)/w, and
-        # (rest - alpha·w·(total/w))/(total/w) = w·(r - alpha), whose sign is that of r - alpha.
-        total_over_w = torch.addcmul(const.inv_weight, total_minus_one, const.inv_weight)
-        excess = torch.addcmul(rest, total_over_w, const.neg_alpha_w).div_(total_over_w)
-        inside = torch.le(excess, const.zero)
+    # One decision, inside the credal set or not, for loss and gradient: the sign of r - alpha
+    # with r = rest/total. With the shared row weight w folded in: total/w = 1/w + (total - 1)/w,
+    # and (rest - alpha·w·(total/w))/(total/w) = w·(r - alpha). The comparison is False for
+    # NaN: NaN logits give NaN, as in cross-entropy.
+    total_over_w = torch.addcmul(const.inv_weight, total_minus_one, const.inv_weight)
+    excess = torch.addcmul(rest, total_over_w, const.neg_alpha_w).div_(total_over_w)
+    inside = torch.le(excess, const.zero)
     # (1-a)·(log(1-a) - log p_y) + a·(log a - log r), with log p_y = (z_y - m) - log(total)
     # and log r = log(rest) - log(total), is log(total) - (1-a)·(z_y - m) - a·log(rest) + c;
     # times w: w·c + w·log(total), then the other two terms, each with w in its constant.
     loss = torch.addcmul(const.offset_w, log_total, const.weight)
     loss = loss.addcmul_(target_shifted, const.alpha_minus_one_w)
     loss = loss.addcmul_(rest.log(), const.neg_alpha_w).masked_fill_(inside, 0.0)
-    if own_weights is not None:
-        loss = loss.mul_(own_weights)
-    if ignored is not None:
-        loss = loss.masked_fill_(ignored, 0.0)
-    if grad_out is not None:
-        _write_gradient(mass, index, rest, excess, own_weights, ignored)
-        if not direct:
-            grad_out.copy_(mass)
-    return loss
+    return loss, excess
 
 
 class _Constants(NamedTuple):
@@ -123,13 +155,13 @@ class _Constants(NamedTuple):
     """
 
     zero: Tensor
-    alpha: Tensor
-    neg_alpha: Tensor
+    log_alpha: Tensor
     # The shared row weight w (1 where rows have their own weights) and the loss's constants
     # times w, so that no call multiplies by it.
     weight: Tensor
     inv_weight: Tensor  # 1/w
     neg_alpha_w: Tensor  # -a·w
+    one_minus_alpha_w: Tensor  # (1-a)·w
     alpha_minus_one_w: Tensor  # (a - 1)·w
     offset_w: Tensor  # ((1-a)·log(1-a) + a·log(a))·w
 
@@ -140,7 +172,7 @@ def _constants(alpha: float, shared_weight: float | None, dtype: torch.dtype) ->
     offset = (1 - alpha) * math.log1p(-alpha) + alpha * math.log(alpha)
     # A shared weight of 0 (a mean over no rows) never reaches the kernel: the batch is empty.
     weight = 1.0 if shared_weight is None else shared_weight
-    values = [0.0, alpha, -alpha, weight, 1 / weight, -alpha * weight]
+    values = [0.0, math.log(alpha), weight, 1 / weight, -alpha * weight, (1 - alpha) * weight]
     values += [(alpha - 1) * weight, offset * weight]
     # On the CPU explicitly: a default device set by the caller (torch.set_default_device, a
     # `with torch.device(...)` block) must not move the kernel's operands.
@@ -154,6 +186,7 @@ def _write_gradient(
     excess: Tensor,
     weight: Tensor | None,
     ignored: Tensor | None,
+    zero: Tensor,
 ) -> None:
     """Turn the unnormalised ``p'`` in ``mass`` (target entries zeroed) into ``w·(p - q)``.
 
@@ -161,14 +194,14 @@ def _write_gradient(
     rows have their own): off-target entries ``w·p_k·(1 - alpha/r) = p'_k·excess/rest``, the
     target entry ``-excess``. Clamping at 0 zeroes the rows inside the credal set (``rest = 0``
     gives ``-inf``, clamped to 0) and keeps NaN. ``weight`` holds the rows' own weights
-    (``(N, 1)``), ``None`` where they share one.
+    (``(N, 1)``), ``None`` where they share one; ``zero`` is a 0-d zero of the compute dtype.
     """
     scale = torch.div(excess, rest).clamp_min_(0.0)
-    # -excess clamped from above: rows inside the set get +0, not the -0 of -(excess⁺).
-    target_grad = excess.neg_().clamp_max_(0.0)
     if weight is not None:
         scale = scale.mul_(weight)
-        target_grad = target_grad.mul_(weight)
+    # -excess⁺ = -scale·rest in one call, the row weight included; 0 + (-0) gives rows inside
+    # the set +0.
+    target_grad = torch.addcmul(zero, scale, rest, value=-1.0)
     mass.mul_(scale)
     mass.scatter_(-1, index, target_grad)
     if ignored is not None:
@@ -207,7 +240,7 @@ def _small_index(
     index = target.reshape(-1, 1)
     low, high = (int(bound) for bound in torch.aminmax(index))
     if low >= 0 and high < num_classes and not low <= ignore_index <= high:
-        return index.long(), None
+        return (index if index.dtype == torch.int64 else index.long()), None
     counted = index != ignore_index
     if not bool((counted <= ((index >= 0) & (index < num_classes))).all()):
         if validate:
