@@ -178,6 +178,14 @@ def test_saturated_and_masked_rows_are_finite(implementation: str) -> None:
     g_ref = expected_gradient(logits, target, 0.1)
     torch.testing.assert_close(grad.double()[finite], g_ref[finite], rtol=1e-6, atol=1e-7)
     assert bool((grad[~finite] == 0).all())
+    # Without a gradient the small-input kernel works in log space: log(rest) is -inf in the
+    # first row, and the fourth row's p_y underflows.
+    with torch.no_grad():
+        forward_only = label_relaxation_loss(
+            logits, target, 0.1, reduction="none", implementation=implementation
+        )
+    assert forward_only[0] == 0 and forward_only[2] == 0
+    torch.testing.assert_close(forward_only.double(), ref, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
