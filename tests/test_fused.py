@@ -247,3 +247,43 @@ def test_small_kernel_constants_stay_on_the_cpu_under_another_default_device() -
         loss = label_relaxation_loss(logits, target, 0.29)
     expected = label_relaxation_loss(logits, target, 0.29, implementation="reference")
     torch.testing.assert_close(loss, expected)
+
+
+def test_gradient_chunks_take_a_quarter_of_the_cache_within_bounds() -> None:
+    from label_relaxation._impl import fused as _fused
+
+    mib = 1 << 20
+    assert _fused.gradient_chunk_elements(None) == _fused.CHUNK_ELEMENTS
+    assert _fused.gradient_chunk_elements(32 * mib) == 2 * mib  # 8 MiB of float32
+    assert _fused.gradient_chunk_elements(4 * mib) == _fused.CHUNK_ELEMENTS  # lower bound
+    assert _fused.gradient_chunk_elements(480 * mib) == 30 * mib  # 120 MiB of float32
+    assert _fused.gradient_chunk_elements(4096 * mib) == 32 * mib  # upper bound, 128 MiB
+
+
+def test_only_chunks_written_into_the_gradient_take_the_cache_sized_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Chunks that work in a float32 scratch buffer (forward only, half-precision gradients)
+    keep the 8 MiB bound on that buffer, whatever the cache."""
+    from label_relaxation._impl import fused as _fused
+    from label_relaxation._impl import small as _small
+
+    monkeypatch.setattr(_fused, "GRADIENT_CHUNK_ELEMENTS", 1 << 24)
+    logits = torch.empty(8, 32)
+    assert _fused.chunk_rows(logits, scratch=False) == (1 << 24) // 32
+    assert _fused.chunk_rows(logits, forward_only=True) == _fused.CHUNK_ELEMENTS // 32
+    assert _fused.chunk_rows(logits) == _fused.CHUNK_ELEMENTS // 32
+    widths: list[int] = []
+    real_chunk_rows = _fused.chunk_rows
+
+    def recording(logits: torch.Tensor, forward_only: bool = False, scratch: bool = True) -> int:
+        widths.append(real_chunk_rows(logits, forward_only, scratch))
+        return widths[-1]
+
+    monkeypatch.setattr(_fused, "chunk_rows", recording)
+    monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)  # the chunked kernel, as at large sizes
+    target = torch.zeros(8, dtype=torch.long)
+    for dtype, expected in ((torch.float32, 1 << 24), (torch.bfloat16, _fused.CHUNK_ELEMENTS)):
+        leaf = torch.randn(8, 32).to(dtype).requires_grad_()
+        label_relaxation_loss(leaf, target, 0.1).backward()
+        assert widths[-1] == expected // 32, dtype

@@ -249,10 +249,14 @@ def test_single_row(implementation: str) -> None:
 
 
 @pytest.mark.parametrize("implementation_", ["fused", "reference"])
-def test_large_chunked_input_with_weights_and_ignored_rows(implementation_: str) -> None:
+def test_large_chunked_input_with_weights_and_ignored_rows(
+    monkeypatch: pytest.MonkeyPatch, implementation_: str
+) -> None:
     """Several chunks of the fused path, per-row alpha, class weights and ignored rows."""
     from label_relaxation._impl import fused as _fused
 
+    # The gradient's chunks are sized by this machine's cache: here the 8 MiB bound.
+    monkeypatch.setattr(_fused, "GRADIENT_CHUNK_ELEMENTS", _fused.CHUNK_ELEMENTS)
     rows, classes = 3 * (_fused.CHUNK_ELEMENTS // 4099) + 5, 4099
     logits = torch.randn(rows, classes) * 4
     target = torch.randint(0, classes, (rows,))
@@ -317,6 +321,7 @@ def test_chunk_edges_with_odd_row_counts(monkeypatch: pytest.MonkeyPatch, rows: 
 
     monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
     monkeypatch.setattr(_fused, "CHUNK_ELEMENTS", 9 * 7)
+    monkeypatch.setattr(_fused, "GRADIENT_CHUNK_ELEMENTS", 9 * 7)
     logits = torch.randn(rows, 7) * 3
     target = torch.randint(0, 7, (rows,))
     assert_matches_reference(logits, target, 0.2, "fused")
@@ -352,6 +357,7 @@ def test_weighted_ignored_rows_at_chunk_edges(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
     monkeypatch.setattr(_fused, "CHUNK_ELEMENTS", 9 * 7)
+    monkeypatch.setattr(_fused, "GRADIENT_CHUNK_ELEMENTS", 9 * 7)
     rows = 28
     logits = torch.randn(rows, 7) * 3
     logits[[8, 9, 27]] = float("nan")  # garbage in ignored rows must not leak

@@ -16,6 +16,7 @@ to the pure formulation.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -30,9 +31,9 @@ from label_relaxation._impl.closed_form import (
     relaxation_loss,
 )
 
-# CPU: 8 MiB of float32 per chunk: the chunk and its gradient rows together stay inside a
-# 32 MiB L3 cache (the 2-core AMD EPYC this was tuned on), while chunks stay large enough that
-# the Python loop over them costs little next to the arithmetic.
+# CPU: 8 MiB of float32 per chunk wherever a chunk needs its own float32 scratch buffer (forward
+# only on narrow rows, half-precision logits): it bounds that buffer, and the chunk and its
+# gradient rows together stay inside a 32 MiB L3 cache (the 2-core AMD EPYC this was tuned on).
 CHUNK_ELEMENTS = 1 << 21
 # CPU, forward only (no gradient written), rows of at least FORWARD_CHUNK_MIN_CLASSES logits:
 # 2 MiB chunks, whose reused scratch buffer stays in a core's L2 cache between the passes. On a
@@ -41,8 +42,7 @@ CHUNK_ELEMENTS = 1 << 21
 # 10.7-11.2 against 12.0-12.2 ms at 16384x1000, 65.8-68.4 against 69.2-71.5 ms at 4096x32000
 # (8 MiB chunks). Narrower rows keep 8 MiB chunks: at 131072x32 the smaller chunks took
 # 6.7-6.9 against 5.0-5.2 ms (their per-row gathers and scatters, several per chunk, cost more
-# than the cache saves). With a gradient, 8 MiB chunks stayed faster (21.9-22.3 against
-# 24.7-25.0 ms at 16384x1000, one process alternating): the gradient goes to memory anyway.
+# than the cache saves).
 FORWARD_CHUNK_ELEMENTS = 1 << 19
 FORWARD_CHUNK_MIN_CLASSES = 64
 # Other devices (not measured yet: no GPU was available): each of the ~25 small operations per
@@ -52,11 +52,51 @@ FORWARD_CHUNK_MIN_CLASSES = 64
 DEVICE_CHUNK_ELEMENTS = 1 << 26
 
 
-def chunk_rows(logits: Tensor, forward_only: bool = False) -> int:
-    """Rows per chunk of ``logits`` ``(N, C)``: cache-sized on the CPU, large elsewhere."""
+def _last_level_cache_bytes() -> int | None:
+    """Size of the CPU's largest cache as Linux reports it (``None`` where it does not)."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (entry / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes, default=None)
+
+
+def gradient_chunk_elements(cache_bytes: int | None) -> int:
+    """Elements per chunk written straight into the gradient on the CPU: a quarter of the cache.
+
+    Such a chunk needs no scratch buffer, so its size only trades cache locality (the chunk
+    and its gradient rows, half the cache) against the ~30 operator calls every chunk pays,
+    a few of them OpenMP regions. Between 8 MiB (the 32 MiB L3 of a 2-core AMD EPYC, where
+    larger chunks were slower) and 128 MiB of float32. On a 2-core Intel Xeon reporting 480 MiB
+    of L3, forward+backward at 4096x32000 took 160 ms with 8 MiB chunks, 143 ms with 32 MiB
+    and 133-140 ms with 64-128 MiB (medians of 7 interleaved rounds; eager cross-entropy 223 ms).
+    """
+    if cache_bytes is None:
+        return CHUNK_ELEMENTS
+    float32_elements = cache_bytes // 4 // 4
+    return max(CHUNK_ELEMENTS, min(float32_elements, 1 << 25))
+
+
+GRADIENT_CHUNK_ELEMENTS = gradient_chunk_elements(_last_level_cache_bytes())
+
+
+def chunk_rows(logits: Tensor, forward_only: bool = False, scratch: bool = True) -> int:
+    """Rows per chunk of ``logits`` ``(N, C)``: cache-sized on the CPU, large elsewhere.
+
+    ``scratch``: the chunk works in a scratch buffer of its size (not in the gradient itself).
+    """
     num_classes = logits.shape[-1]
     if logits.device.type != "cpu":
         elements = DEVICE_CHUNK_ELEMENTS
+    elif not scratch:
+        elements = GRADIENT_CHUNK_ELEMENTS
     else:
         wide = num_classes >= FORWARD_CHUNK_MIN_CLASSES
         elements = FORWARD_CHUNK_ELEMENTS if forward_only and wide else CHUNK_ELEMENTS
@@ -202,8 +242,8 @@ def for_each_chunk(
     """
     rows, num_classes = logits.shape
     dtype = compute_dtype(logits.dtype)
-    step_rows = chunk_rows(logits, forward_only=grad_out is None)
     direct = grad_out is not None and grad_out.dtype == dtype
+    step_rows = chunk_rows(logits, forward_only=grad_out is None, scratch=not direct)
     scratch = None
     if not direct:
         scratch = logits.new_empty((min(step_rows, rows), num_classes), dtype=dtype)
