@@ -9,7 +9,7 @@ non-target mass ``r·total`` is summed directly (``r = 1 - p_y`` is never formed
 subtraction); ``log p_y`` comes from the shifted target logit, so it is exact where ``p_y``
 underflows; and every per-row quantity is a handful of ``(N, 1)`` operations with the
 Python-float alpha and the row weight shared by every row folded into their constants. Without
-a gradient (evaluation loops) the per-row part works in log space, two calls fewer, since
+a gradient (evaluation loops) the per-row part works in log space, in eight calls, since
 nothing there needs ``r - alpha`` to float32's relative precision.
 
 The chunked kernel (:mod:`label_relaxation._impl.fused`) takes over above :data:`SMALL_ELEMENTS`,
@@ -83,13 +83,13 @@ def small_rows(
     if grad_out is None:
         loss = _loss_without_gradient(rest, target_shifted, const)
     else:
-        loss, excess = _loss_and_excess(rest, target_shifted, const)
+        loss, scale = _loss_and_scale(rest, target_shifted, const)
     if own_weights is not None:
         loss = loss.mul_(own_weights)
     if ignored is not None:
         loss = loss.masked_fill_(ignored, 0.0)
     if grad_out is not None:
-        _write_gradient(mass, index, rest, excess, own_weights, ignored, const.zero)
+        _write_gradient(mass, index, rest, scale, own_weights, ignored, const.zero)
         if not direct:
             grad_out.copy_(mass)
     return loss
@@ -100,8 +100,8 @@ def _loss_without_gradient(rest: Tensor, target_shifted: Tensor, const: _Constan
 
     In log space: ``log(total) = logaddexp(log(rest), z_y - m)`` keeps the relative precision
     of the smaller term (where y is the maximum it is ``log1p(rest)``) in one call, and
-    ``log r = log(rest) - log(total)`` decides, which leaves eight calls per row where
-    :func:`_loss_and_excess` takes ten; without a gradient nothing needs ``r - alpha`` itself.
+    ``log r = log(rest) - log(total)`` decides: eight calls per row, where
+    :func:`_loss_and_scale` takes twelve to form what the gradient needs as well.
     A row whose ``rest`` is 0 has ``log r = -inf``: inside. The comparison is False for NaN.
     """
     log_rest = rest.log()
@@ -115,13 +115,15 @@ def _loss_without_gradient(rest: Tensor, target_shifted: Tensor, const: _Constan
     return loss.addcmul_(log_r, const.neg_alpha_w).masked_fill_(inside, 0.0)
 
 
-def _loss_and_excess(
+def _loss_and_scale(
     rest: Tensor, target_shifted: Tensor, const: _Constants
 ) -> tuple[Tensor, Tensor]:
-    """``(w·loss, w·(r - alpha))`` per row, ``(N, 1)`` each: what the gradient needs too.
+    """``(w·loss, w·(r - alpha)/rest)`` per row, ``(N, 1)`` each: the gradient needs the second.
 
-    ``r - alpha`` is formed from ``rest`` and ``total`` directly, so that the gradient keeps
-    float32's relative precision right up to the boundary of the set.
+    ``w·(r - alpha)/rest = w/total - w·alpha/rest`` is formed from ``rest`` and ``total``
+    directly (never from ``1 - p_y``), so that the gradient keeps float32's relative precision
+    right up to the boundary of the set: the difference is as well conditioned as
+    ``rest - alpha·total``.
     """
     # total = rest + p'_y, and log(total) = log1p(rest + (p'_y - 1)) with p'_y - 1 as expm1:
     # where y is the row's maximum that is exactly 0, and log1p keeps the relative precision
@@ -130,19 +132,19 @@ def _loss_and_excess(
     total_minus_one = torch.add(rest, torch.expm1(target_shifted))
     log_total = torch.log1p(total_minus_one)
     # One decision, inside the credal set or not, for loss and gradient: the sign of r - alpha
-    # with r = rest/total. With the shared row weight w folded in: total/w = 1/w + (total - 1)/w,
-    # and (rest - alpha·w·(total/w))/(total/w) = w·(r - alpha). The comparison is False for
-    # NaN: NaN logits give NaN, as in cross-entropy.
+    # with r = rest/total, that of w/total - w·alpha/rest. With the shared row weight w folded
+    # in: w/total = 1/(1/w + (total - 1)/w). A row whose rest is 0 gets -inf: inside. The
+    # comparison is False for NaN: NaN logits give NaN, as in cross-entropy.
     total_over_w = torch.addcmul(const.inv_weight, total_minus_one, const.inv_weight)
-    excess = torch.addcmul(rest, total_over_w, const.neg_alpha_w).div_(total_over_w)
-    inside = torch.le(excess, const.zero)
+    scale = torch.addcdiv(total_over_w.reciprocal_(), const.neg_alpha_w, rest)
+    inside = torch.le(scale, const.zero)
     # (1-a)·(log(1-a) - log p_y) + a·(log a - log r), with log p_y = (z_y - m) - log(total)
     # and log r = log(rest) - log(total), is log(total) - (1-a)·(z_y - m) - a·log(rest) + c;
     # times w: w·c + w·log(total), then the other two terms, each with w in its constant.
     loss = torch.addcmul(const.offset_w, log_total, const.weight)
     loss = loss.addcmul_(target_shifted, const.alpha_minus_one_w)
     loss = loss.addcmul_(rest.log(), const.neg_alpha_w).masked_fill_(inside, 0.0)
-    return loss, excess
+    return loss, scale
 
 
 class _Constants(NamedTuple):
@@ -183,24 +185,24 @@ def _write_gradient(
     mass: Tensor,
     index: Tensor,
     rest: Tensor,
-    excess: Tensor,
+    scale: Tensor,
     weight: Tensor | None,
     ignored: Tensor | None,
     zero: Tensor,
 ) -> None:
     """Turn the unnormalised ``p'`` in ``mass`` (target entries zeroed) into ``w·(p - q)``.
 
-    With ``r = rest/total`` and ``excess = w·(r - alpha)`` (``w`` the shared row weight, 1 where
-    rows have their own): off-target entries ``w·p_k·(1 - alpha/r) = p'_k·excess/rest``, the
-    target entry ``-excess``. Clamping at 0 zeroes the rows inside the credal set (``rest = 0``
-    gives ``-inf``, clamped to 0) and keeps NaN. ``weight`` holds the rows' own weights
-    (``(N, 1)``), ``None`` where they share one; ``zero`` is a 0-d zero of the compute dtype.
+    With ``r = rest/total`` and ``scale = w·(r - alpha)/rest`` (``w`` the shared row weight, 1
+    where rows have their own; updated in place): off-target entries
+    ``w·p_k·(1 - alpha/r) = p'_k·scale``, the target entry ``-w·(r - alpha) = -scale·rest``.
+    Clamping at 0 zeroes the rows inside the credal set and keeps NaN. ``weight`` holds the
+    rows' own weights (``(N, 1)``), ``None`` where they share one; ``zero`` is a 0-d zero of
+    the compute dtype.
     """
-    scale = torch.div(excess, rest).clamp_min_(0.0)
+    scale = scale.clamp_min_(0.0)
     if weight is not None:
         scale = scale.mul_(weight)
-    # -excess⁺ = -scale·rest in one call, the row weight included; 0 + (-0) gives rows inside
-    # the set +0.
+    # -scale·rest in one call, the row weight included; 0 + (-0) gives rows inside the set +0.
     target_grad = torch.addcmul(zero, scale, rest, value=-1.0)
     mass.mul_(scale)
     mass.scatter_(-1, index, target_grad)
