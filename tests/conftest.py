@@ -21,8 +21,8 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     """Every core test runs on each kernel.
 
     The fused path's small-input kernel (what small shapes get), its chunked kernel (forced for
-    small shapes too) with the exponential base this CPU uses and in base 2 (what AVX2 CPUs
-    and GPUs use), and the pure formulation.
+    small shapes too) as this CPU runs it (gradients by softmax) and by the exponent route in
+    base 2 (what GPUs run), and the pure formulation.
     """
     if request.param.startswith("fused-chunked"):
         from label_relaxation._impl import closed_form as _closed_form
@@ -30,7 +30,11 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
 
         monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
         if request.param.endswith("base2"):
+            # What GPUs run: the exponent route in base 2, not the CPU's softmax route.
+            from label_relaxation._impl import fused as _fused
+
             monkeypatch.setattr(_closed_form, "_CPU_BASE", _closed_form.BASE_TWO)
+            monkeypatch.setattr(_fused, "SOFTMAX_ON_CPU", False)
         return "fused"
     return str(request.param)
 

@@ -20,13 +20,16 @@ def model_logits(
 def parameter_grads(
     inplace: bool, reduction: str = "mean", scale: float = 1.0
 ) -> list[torch.Tensor]:
-    """In-place mode runs the chunked kernel; the comparison forces it for both calls."""
+    """In-place mode runs the chunked kernel's exponent route; the comparison forces it for both
+    calls (out of place the CPU would take the softmax route, which rounds differently)."""
+    from label_relaxation._impl import fused as _fused
     from label_relaxation._impl import small as _small
 
     torch.manual_seed(3)
     linear, x, target = model_logits()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_small, "SMALL_ELEMENTS", 0)
+        patch.setattr(_fused, "SOFTMAX_ON_CPU", False)
         loss = label_relaxation_loss(
             linear(x) * 2.0,
             target,
@@ -49,9 +52,11 @@ def test_inplace_gives_the_same_parameter_gradients(reduction: str, scale: float
 
 
 def test_inplace_writes_the_gradient_into_the_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from label_relaxation._impl import fused as _fused
     from label_relaxation._impl import small as _small
 
     monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)  # in-place runs the chunked kernel
+    monkeypatch.setattr(_fused, "SOFTMAX_ON_CPU", False)  # and its exponent route: both calls
     linear, x, target = model_logits()
     logits = linear(x)
     original = logits.detach().clone()

@@ -188,6 +188,24 @@ def test_saturated_and_masked_rows_are_finite(implementation: str) -> None:
     torch.testing.assert_close(forward_only.double(), ref, rtol=1e-6, atol=0)
 
 
+def test_target_probability_near_and_below_the_smallest_normal(implementation: str) -> None:
+    """Targets 80-110 below the row maximum: p_y from a normal number down to a subnormal and 0.
+
+    Where p_y is no longer a normal float32, its logarithm must come from the logits (the
+    softmax route recomputes those rows); the loss then grows like (1-alpha)·(m - z_y).
+    """
+    gaps = torch.tensor([80.0, 83.0, 85.0, 86.5, 87.5, 88.0, 90.0, 95.0, 100.0, 103.5, 110.0])
+    logits = torch.zeros(gaps.numel(), 5)
+    logits[:, 0] = gaps  # the maximum
+    logits[:, 2] = -1.0
+    target = torch.full((gaps.numel(),), 1)
+    loss, grad = loss_and_grad(logits, target, 0.1, implementation)
+    ref = projected_kl(logits, target, 0.1)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    g_ref = expected_gradient(logits, target, 0.1)
+    torch.testing.assert_close(grad.double(), g_ref, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_computed_in_float32(implementation: str, dtype: torch.dtype) -> None:
     logits = (torch.randn(64, 33) * 3).to(dtype)
