@@ -26,15 +26,17 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     """
     if request.param.startswith("fused-chunked"):
         from label_relaxation._impl import closed_form as _closed_form
+        from label_relaxation._impl import fused as _fused
         from label_relaxation._impl import small as _small
 
         monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
         if request.param.endswith("base2"):
             # What GPUs run: the exponent route in base 2, not the CPU's softmax route.
-            from label_relaxation._impl import fused as _fused
-
             monkeypatch.setattr(_closed_form, "_CPU_BASE", _closed_form.BASE_TWO)
             monkeypatch.setattr(_fused, "SOFTMAX_ON_CPU", False)
+        else:
+            # The CPU's gradients by softmax, on the tests' narrow rows too.
+            monkeypatch.setattr(_fused, "SOFTMAX_MIN_CLASSES", 2)
         return "fused"
     return str(request.param)
 

@@ -292,3 +292,33 @@ def test_only_chunks_written_into_the_gradient_take_the_cache_sized_bound(
         leaf = torch.randn(8, 32).to(dtype).requires_grad_()
         label_relaxation_loss(leaf, target, 0.1).backward()
         assert widths[-1] == expected // 32, dtype
+
+
+def test_cpu_gradients_take_the_softmax_route_on_rows_of_32_classes_or_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from label_relaxation._impl import fused as _fused
+    from label_relaxation._impl import small as _small
+
+    monkeypatch.setattr(_small, "SMALL_ELEMENTS", 0)
+    routes: list[str] = []
+    for name in ("_probabilities", "_exponent_masses"):
+        real = getattr(_fused, name)
+
+        def recording(*args: object, real: object = real, name: str = name) -> None:
+            routes.append(name)
+            real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(_fused, name, recording)
+    for classes, grad, inplace, expected in (
+        (40, True, False, "_probabilities"),
+        (_fused.SOFTMAX_MIN_CLASSES - 1, True, False, "_exponent_masses"),
+        (40, False, False, "_exponent_masses"),  # forward only: a small scratch buffer
+        (40, True, True, "_exponent_masses"),  # in place: the logits are the gradient
+    ):
+        logits = torch.randn(6, classes, requires_grad=grad)
+        target = torch.randint(0, classes, (6,))
+        if inplace:
+            logits = logits * 1.0
+        label_relaxation_loss(logits, target, 0.1, inplace=inplace)
+        assert routes[-1] == expected, (classes, grad, inplace)
