@@ -200,7 +200,7 @@ def _probabilities(logits: Tensor, target: Tensor, work: Tensor, stats: _RowStat
     is not (a saturated row, the target far below the maximum) get ``z_y - logsumexp(z)``
     instead, computed for those rows alone. Reading that condition is free on the CPU.
     """
-    torch.ops.aten._softmax.out(logits, -1, False, out=work)
+    torch.softmax(logits, -1, out=work)
     torch.gather(work, -1, target, out=stats.target)
     work.scatter_(-1, target, 0.0)
     torch.sum(work, -1, keepdim=True, out=stats.rest)
