@@ -310,3 +310,34 @@ def test_compiled_kernel_refuses_double_backward() -> None:
     )
     with pytest.raises(RuntimeError, match="double backward"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.inductor)]
+)
+def test_rows_with_infinities_match_eager(backend: str) -> None:
+    """Masked vocabularies, a row of only -inf that is ignored, +inf and NaN maxima: the
+    compiled closed form gives what eager mode gives, NaN where eager gives NaN."""
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor(
+        [
+            [-inf, 2.0, -inf, -inf, -inf],  # only the target is finite: inside the set
+            [0.0, -inf, 1.0, -inf, 0.5],  # part of the vocabulary masked
+            [-inf, -inf, -inf, -inf, -inf],  # ignored below
+            [1.0, inf, 0.0, 2.0, 3.0],  # a +inf maximum
+            [1.0, 2.0, nan, 0.0, 0.0],
+            [1e4, -1e4, 0.0, 3.0, 2.0],  # saturated, target far below the maximum
+        ]
+    )
+    target = torch.tensor([1, 2, -100, 0, 1, 1])
+
+    def fn(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return label_relaxation_loss(z, y, 0.1, reduction="none")
+
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    loss_c, grad_c = loss_and_grad(compiled, logits, target)
+    loss_e, grad_e = loss_and_grad(fn, logits, target)
+    torch.testing.assert_close(loss_c, loss_e, rtol=2e-6, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(grad_c, grad_e, rtol=2e-6, atol=1e-7, equal_nan=True)
+    assert loss_c[0] == 0 and bool((grad_c[0] == 0).all()) and bool((grad_c[2] == 0).all())
+    assert bool(loss_c[3].isnan()) and bool(loss_c[4].isnan())
