@@ -34,18 +34,27 @@ CASES = {
 }
 
 
+# Rows narrower and wider than compiled.VALUE_COMPARE_MIN_CLASSES: the target told apart by
+# class index, and the row maximum by value.
+@pytest.mark.parametrize("classes", [11, 70])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("target_kind", ["index", "one_hot"])
 @pytest.mark.parametrize("alpha_kind", ["float", "per_sample"])
-def test_fullgraph_matches_eager(case: str, target_kind: str, alpha_kind: str) -> None:
-    kwargs = CASES[case]
+def test_fullgraph_matches_eager(
+    case: str, target_kind: str, alpha_kind: str, classes: int
+) -> None:
+    kwargs = dict(CASES[case])
     if target_kind == "one_hot" and "ignore_index" in kwargs:
         pytest.skip("ignore_index does not apply to one-hot targets")
-    logits = torch.randn(2, 3, 11) * 3
-    target = torch.randint(0, 11, (2, 3))
+    if "weight" in kwargs:
+        kwargs["weight"] = torch.rand(classes) + 0.5
+    logits = torch.randn(2, 3, classes) * 3
+    target = torch.randint(0, classes, (2, 3))
     target[0, 0] = 0
+    logits[1, 1, 4] = logits[1, 1, 7] = logits[1, 1].max() + 1  # the target among tied maxima
+    target[1, 1] = 4
     if target_kind == "one_hot":
-        target = torch.nn.functional.one_hot(target, 11).float()
+        target = torch.nn.functional.one_hot(target, classes).float()
     alpha = 0.15 if alpha_kind == "float" else torch.rand(2, 3) * 0.4 + 0.01
 
     def fn(z: torch.Tensor, y: torch.Tensor, a: float | torch.Tensor) -> torch.Tensor:
@@ -312,10 +321,11 @@ def test_compiled_kernel_refuses_double_backward() -> None:
         grad.sum().backward()
 
 
+@pytest.mark.parametrize("classes", [5, 70])
 @pytest.mark.parametrize(
     "backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.inductor)]
 )
-def test_rows_with_infinities_match_eager(backend: str) -> None:
+def test_rows_with_infinities_match_eager(backend: str, classes: int) -> None:
     """Masked vocabularies, a row of only -inf that is ignored, +inf and NaN maxima: the
     compiled closed form gives what eager mode gives, NaN where eager gives NaN."""
     inf, nan = float("inf"), float("nan")
@@ -330,6 +340,9 @@ def test_rows_with_infinities_match_eager(backend: str) -> None:
         ]
     )
     target = torch.tensor([1, 2, -100, 0, 1, 1])
+    # Wider rows: the same rows padded with classes far below (-inf in the -inf rows).
+    pad = torch.where(torch.isneginf(logits[:, :1]), -inf, -5.0).expand(-1, classes - 5)
+    logits = torch.cat([logits, pad], -1)
 
     def fn(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return label_relaxation_loss(z, y, 0.1, reduction="none")
