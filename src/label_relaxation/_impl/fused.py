@@ -55,12 +55,12 @@ DEVICE_CHUNK_ELEMENTS = 1 << 26
 def _last_level_cache_bytes() -> int | None:
     """Size of the CPU's largest cache as Linux reports it (``None`` where it does not)."""
     sizes = []
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
             text = (entry / "size").read_text().strip()
         except OSError:
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         if text[:-1].isdigit() and text[-1] in units:
             sizes.append(int(text[:-1]) * units[text[-1]])
         elif text.isdigit():
@@ -160,7 +160,7 @@ class _RowStatistics(NamedTuple):
     target_shifted: Tensor  # ln p'_y, exact even where p'_y underflows
 
 
-# CPU gradients are written by ATen's softmax where it may (see _masses). Tests switch it off to
+# CPU gradients are written by ATen's softmax where it may (see _by_softmax). Tests switch it off to
 # cover the exponent route that other devices, half precision and in-place mode take.
 SOFTMAX_ON_CPU = True
 # ATen's softmax over short rows is slow: forward+backward by softmax against the exponent
@@ -169,25 +169,34 @@ SOFTMAX_ON_CPU = True
 SOFTMAX_MIN_CLASSES = 32
 
 
+def _by_softmax(logits: Tensor, grad_out: Tensor | None) -> bool:
+    """Whether the chunks of this call take the softmax route (see :func:`_masses`).
+
+    On the CPU, where the chunks are the gradient itself (``grad_out`` separate memory of the
+    logits' own dtype, float32 or float64) and rows have at least ``SOFTMAX_MIN_CLASSES``
+    logits, ATen's softmax writes the probabilities in one kernel: the max, the exponential
+    sum and the normalised write, one pass fewer over the chunk than the exponent route, and
+    122-123 against 136-138 ms per forward+backward at 4096x32000 here (18.0-18.3 against
+    20.0-20.2 ms at 16384x1000; two processes each, medians of 7). Forward only, the exponent
+    route into a small scratch buffer stays faster (10.6 against 12.0 ms at 16384x1000); in
+    place the logits are gone before a saturated row could be recomputed from them.
+    """
+    if grad_out is None or not SOFTMAX_ON_CPU or logits.device.type != "cpu":
+        return False
+    in_place = grad_out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+    own_dtype = grad_out.dtype == logits.dtype == compute_dtype(logits.dtype)
+    return own_dtype and not in_place and logits.shape[-1] >= SOFTMAX_MIN_CLASSES
+
+
 def _masses(
-    logits: Tensor, target: Tensor, work: Tensor, stats: _RowStatistics, into_gradient: bool
+    logits: Tensor, target: Tensor, work: Tensor, stats: _RowStatistics, by_softmax: bool
 ) -> None:
     """Fill one chunk's rows of ``stats``; leave the masses ``p'`` (``p'_y = 0``) in ``work``.
 
     ``work`` has the chunk's shape in the compute dtype and may alias ``logits`` (in-place mode);
-    ``target`` is ``(R, 1)``. On the CPU, where ``work`` is the gradient itself
-    (``into_gradient``), separate memory of the logits' own dtype (float32 or float64), and
-    rows have at least ``SOFTMAX_MIN_CLASSES`` logits, ATen's softmax writes the probabilities
-    in one kernel: the max, the exponential sum and the normalised write, one pass fewer over
-    the chunk than the exponent route, and 122-123 against 136-138 ms per forward+backward at
-    4096x32000 here (18.0-18.3 against 20.0-20.2 ms at 16384x1000; two processes each, medians
-    of 7). Forward only, the exponent route into a small scratch buffer stays faster (10.6
-    against 12.0 ms at 16384x1000).
+    ``target`` is ``(R, 1)``; ``by_softmax`` from :func:`_by_softmax`.
     """
-    separate = work.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr()
-    wide = logits.shape[-1] >= SOFTMAX_MIN_CLASSES
-    softmax = SOFTMAX_ON_CPU and into_gradient and separate and wide
-    if softmax and logits.device.type == "cpu" and work.dtype == logits.dtype:
+    if by_softmax:
         _probabilities(logits, target, work, stats)
     else:
         _exponent_masses(logits, target, work, stats)
@@ -335,10 +344,11 @@ def fused_rows(
     target = target.unsqueeze(-1)
     row_weight = row_weight.unsqueeze(-1)
     column_alpha = alpha.unsqueeze(-1) if isinstance(alpha, Tensor) else alpha
+    by_softmax = _by_softmax(logits, grad_out)
 
     def step(chunk: slice, work: Tensor) -> None:
         chunk_stats = _RowStatistics(*(stat[chunk] for stat in stats))
-        _masses(logits[chunk], target[chunk], work, chunk_stats, grad_out is not None)
+        _masses(logits[chunk], target[chunk], work, chunk_stats, by_softmax)
         if grad_out is not None:
             chunk_alpha = column_alpha[chunk] if isinstance(column_alpha, Tensor) else column_alpha
             has_gradient = _write_gradient(

@@ -242,7 +242,7 @@ def _small_index(
     index = target.reshape(-1, 1)
     low, high = (int(bound) for bound in torch.aminmax(index))
     if low >= 0 and high < num_classes and not low <= ignore_index <= high:
-        return (index if index.dtype == torch.int64 else index.long()), None
+        return index.long(), None
     counted = index != ignore_index
     if not bool((counted <= ((index >= 0) & (index < num_classes))).all()):
         if validate:
