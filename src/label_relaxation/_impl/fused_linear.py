@@ -37,8 +37,8 @@ from label_relaxation._impl.fused import compute_dtype, fused_rows
 CPU_BLOCK_ELEMENTS = 5 << 20
 # ... but never fewer rows than this: each product of a block reads the whole (V, H) weight or
 # its gradient, so blocks of a few rows make that reading the cost. At (2048, 1024, 128256)
-# 5·2^20 logits are 40 rows: PyTorch's chunked loss, with 32-row blocks there, took 1.37-1.57x
-# the unfused time; the fused loss with 128-row blocks 0.92-0.95x (docs/language-models.md).
+# 5·2^20 logits are 40 rows: PyTorch's chunked loss, with 32-row blocks there, took 1.56-1.65x
+# the unfused time; the fused loss with 128-row blocks 0.99-1.08x (docs/language-models.md).
 CPU_MIN_BLOCK_ROWS = 128
 # Other devices (not measured: no GPU was available): 256 MiB of float32 per block, so that
 # each product is large and the launches of the per-block operations are few.
