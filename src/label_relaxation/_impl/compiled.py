@@ -85,18 +85,29 @@ def row_coefficients(
     if logits.shape[-1] < VALUE_COMPARE_MIN_CLASSES:
         # Narrow rows: the target told apart by class index, one accumulator per row.
         rest = torch.where(is_target_mask(logits, target), torch.zeros_like(mass), mass).sum(-1)
-        return coefficients_from_statistics(shift, rest, target_shifted, alpha, row_weight)
+    else:
+        rest = _rest_by_value(logits, mass, row_max, target_logit, target_shifted)
+    return coefficients_from_statistics(shift, rest, target_shifted, alpha, row_weight)
+
+
+def _rest_by_value(
+    logits: Tensor, mass: Tensor, row_max: Tensor, target_logit: Tensor, target_shifted: Tensor
+) -> Tensor:
+    """The non-target mass ``(N,)`` of wide rows, the classes at the maximum told by value.
+
+    ``mass`` is ``exp(z - m)`` in the compute dtype, ``row_max`` and ``target_logit``
+    ``(N, 1)`` in the logits' dtype, ``target_shifted`` ``(N,)``.
+    """
     at_max = logits == torch.where(torch.isneginf(row_max), torch.nan, row_max)
     below_max = torch.where(at_max, torch.zeros_like(mass), mass).sum(-1)
-    ties = at_max.to(dtype).sum(-1)
+    ties = at_max.to(mass.dtype).sum(-1)
     # Where the target is a maximum, the rest is the mass below the maximum plus the other
     # maxima (exactly 1 each): summed directly, never 1 - p_y. Elsewhere p_y <= 1/2, and
     # subtracting p'_y from the total loses at most one bit.
     target_is_max = (target_logit == row_max).squeeze(-1)
-    rest = torch.where(
+    return torch.where(
         target_is_max, below_max + (ties - 1), (below_max + ties) - target_shifted.exp()
     )
-    return coefficients_from_statistics(shift, rest, target_shifted, alpha, row_weight)
 
 
 def _finite_shift(row_max: Tensor) -> Tensor:
