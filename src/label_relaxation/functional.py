@@ -13,7 +13,7 @@ from label_relaxation._impl import validation as check
 from label_relaxation._impl.closed_form import AlphaLike
 from label_relaxation._impl.compiled import compiled_rows
 from label_relaxation._impl.fused import apply_fused, compute_dtype, fused_rows, needs_gradient
-from label_relaxation._impl.graph_checks import raise_if_invalid
+from label_relaxation._impl.graph_checks import LABEL_RELAXATION_MESSAGE, raise_if_invalid
 from label_relaxation._impl.inplace import check_inplace_allowed
 from label_relaxation._impl.reference import reference_rows
 from label_relaxation._impl.validation import Reduction
@@ -146,8 +146,7 @@ def prepare_targets(
                 _graph_checks(target, alpha_input),
                 num_classes,
                 ignore_index,
-                "label_relaxation_loss: target holds an out-of-range class index, a floating "
-                "target that is not exactly one-hot, or alpha outside (0, 1)",
+                LABEL_RELAXATION_MESSAGE,
             )
         row_weight = torch.where(invalid, torch.nan, row_weight)
     if reduction == "mean":

@@ -26,7 +26,7 @@ from torch import Tensor
 from label_relaxation._impl import validation as check
 from label_relaxation._impl.fused import apply_fused, compute_dtype
 from label_relaxation._impl.fused_mixup import fused_mixup_rows
-from label_relaxation._impl.graph_checks import raise_if_invalid
+from label_relaxation._impl.graph_checks import MIXUP_MESSAGE, SOFT_MESSAGE, raise_if_invalid
 from label_relaxation._impl.validation import Reduction
 from label_relaxation.functional import Implementation, check_implementation, is_transformed
 
@@ -159,8 +159,7 @@ def soft_label_relaxation_loss(
             checks,
             num_classes,
             None,
-            "soft_label_relaxation_loss: a target row is not a probability distribution, or "
-            "alpha lies outside (0, 1)",
+            SOFT_MESSAGE,
         )
     target_c = target.to(dtype)
     # Bad rows are neutralised before the arithmetic and poisoned with NaN after it.
@@ -313,8 +312,7 @@ def _raise_if_bad_mixup(
         checks,
         num_classes,
         None,
-        "mixup_label_relaxation_loss: a class index out of range, lam outside [0, 1] or alpha "
-        "outside (0, 1)",
+        MIXUP_MESSAGE,
     )
 
 
