@@ -1,6 +1,6 @@
 """Fused eager kernel for small inputs: loss and gradient in about 25 operator calls.
 
-At classification sizes (a 64×10 batch, a few hundred thousand logits at most) a call costs
+At classification sizes (a 64×10 batch, about a million logits at most) a call costs
 what its operator calls cost, a few microseconds each, not what its arithmetic costs. This
 kernel therefore spends calls sparingly: the row maximum, one subtraction written into the
 gradient buffer itself and one in-place ``exp`` give the unnormalised probabilities (ATen's
@@ -31,10 +31,13 @@ from label_relaxation._impl import validation as check
 from label_relaxation._impl.closed_form import AlphaLike
 from label_relaxation._impl.fused import apply_fused, compute_dtype
 
-# Up to 2^18 logits (1 MiB of float32). The bound is conservative: in one comparison on a 2-core
-# AVX-512 Xeon this kernel was also faster than the chunked one at 65536x10 and 1024x1000;
-# above a few MiB its full-size temporaries leave the cache, which the chunked kernel avoids.
-SMALL_ELEMENTS = 1 << 18
+# Up to 2^20 logits (4 MiB of float32). Against the chunked kernel on a 2-core AVX-512 Xeon (one
+# process, alternating, medians of 9 blocks, two runs), this kernel took 0.5-0.9x its time per
+# forward+backward at 512x1000, 1024x1000, 4096x256, 16384x64, 65536x10 and 256x4096, and
+# 0.5-1.0x per forward but for one run at 4096x256 (1.1x). Above that the forward's full-size
+# temporary leaves the cache, which the chunked kernel's reused scratch buffer avoids: forward
+# at 2048x1000 and 4096x1000 took 1.1-1.2x the chunked kernel's time.
+SMALL_ELEMENTS = 1 << 20
 
 RowWeight = float | Tensor
 
