@@ -291,8 +291,8 @@ def test_compiled_kernel_relative_precision_just_outside_the_set(alpha: float) -
 
 def test_dynamic_batch_across_the_small_kernel_bound_compiles_once() -> None:
     """With dynamic shapes, batches below and above the eager small-input kernel's size bound
-    (SMALL_ELEMENTS logits) share one graph: that bound is an eager decision and must not become a guard
-    (it once did, and a batch across it recompiled)."""
+    (SMALL_ELEMENTS logits) share one graph: that bound is an eager decision and must not become
+    a guard (it once did, and a batch across it recompiled)."""
     from label_relaxation._impl import small as _small
 
     counter = CompileCounterWithBackend("aot_eager")
