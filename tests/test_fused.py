@@ -278,6 +278,11 @@ def test_only_chunks_written_into_the_gradient_take_the_cache_sized_bound(
     assert _fused.chunk_rows(logits, scratch=False) == (1 << 24) // 32
     assert _fused.chunk_rows(logits, forward_only=True) == _fused.CHUNK_ELEMENTS // 32
     assert _fused.chunk_rows(logits) == _fused.CHUNK_ELEMENTS // 32
+    # Forward only, wide rows: the 2 MiB bound, but never fewer rows than the minimum.
+    rows_of_1000 = _fused.chunk_rows(torch.empty(8, 1000), forward_only=True)
+    assert rows_of_1000 == _fused.FORWARD_CHUNK_ELEMENTS // 1000
+    wide = torch.empty(8, 128256)
+    assert _fused.chunk_rows(wide, forward_only=True) == _fused.FORWARD_CHUNK_MIN_ROWS
     widths: list[int] = []
     real_chunk_rows = _fused.chunk_rows
 

@@ -83,6 +83,7 @@ def _encode_checks(names: Sequence[str]) -> int:
 
 
 def _decode_checks(code: int) -> list[str]:
+    """The check names of :func:`_encode_checks`, in order."""
     names = []
     while code:
         names.append(_CHECK_NAMES[(code & 7) - 1])
@@ -103,11 +104,9 @@ def _raise_if_invalid(
 ) -> None:
     """Raise the eager checks' exception if the 0-d flag ``any_invalid`` is set."""
     if bool(any_invalid):
-        names = _decode_checks(checks)
-        tensors = (first, second, third, fourth)[: len(names)]
-        for name, tensor in zip(names, tensors, strict=True):
-            if tensor is not None:
-                _EAGER_CHECKS[name](tensor, num_classes, ignore_index)
+        tensors = [tensor for tensor in (first, second, third, fourth) if tensor is not None]
+        for name, tensor in zip(_decode_checks(checks), tensors, strict=True):
+            _EAGER_CHECKS[name](tensor, num_classes, ignore_index)
         raise ValueError(_MESSAGES[message])  # a value the mask flags but no eager check rejects
 
 
