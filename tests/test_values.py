@@ -308,14 +308,16 @@ def rows_just_outside(alpha: float, rows: int = 300, num_classes: int = 50) -> t
     return (torch.cat([zeros, others + shift[:, None]], 1) + offset).float()
 
 
-@pytest.mark.parametrize("alpha", [1e-5, 1e-3])
+@pytest.mark.parametrize("alpha", [1e-5, 1e-3, 0.1, 0.3])
 def test_loss_relative_precision_just_outside_the_set(implementation: str, alpha: float) -> None:
     """The loss relative to itself, where it is far smaller than its two terms.
 
     Just outside the set (r = k·alpha, 1.5 <= k <= 3) the loss is about alpha·(k-1)²/(2k), and
     its relative sensitivity to r is (r - alpha)/loss <= 6, so float32's relative error of r
     (a few ulp per summed mass, ~1e-6) allows about 1e-5; measured up to 1.2e-5 on every path,
-    hence 5e-5. log(1 - r) in place of log1p(-r) gives 3e-2 here.
+    hence 5e-5. log(1 - r) in place of log1p(-r) gives 3e-2 here. At alpha >= 0.1 the forward
+    pass of these 50-class rows takes r from cross-entropy (measured 6.5e-6 at 0.1); with 1000
+    classes that would reach 2.0e-5, hence its bound of 128 classes.
     """
     logits = rows_just_outside(alpha)
     target = torch.zeros(logits.shape[0], dtype=torch.long)
@@ -329,6 +331,81 @@ def test_loss_relative_precision_just_outside_the_set(implementation: str, alpha
     for computed in (loss, forward_only):
         relative = ((computed.double() - reference).abs() / reference).max()
         assert relative <= 5e-5, f"max relative loss error {relative:.2e}"
+
+
+@pytest.mark.parametrize(
+    ("rows", "num_classes", "by_cross_entropy"),
+    [
+        (4096, 2, True),
+        (256, 7, True),
+        (1024, 7, False),
+        (256, 128, True),
+        (256, 129, False),
+        (256, 1000, False),
+    ],
+)
+def test_forward_only_small_inputs_on_both_routes(
+    monkeypatch: pytest.MonkeyPatch, rows: int, num_classes: int, by_cross_entropy: bool
+) -> None:
+    """Without a gradient, small inputs take -log p_y from cross-entropy (alpha >= 0.1, at most
+    128 classes, rows of 3-15 classes up to 4096 logits, no class weights) or the log-space
+    kernel; both meet RTOL32 of the terms, and rows clearly inside the set are exactly 0."""
+    from label_relaxation._impl import small as _small
+
+    routed: list[float] = []
+    real_route = _small._forward_from_cross_entropy
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor | None:
+        routed.append(float(args[2]))  # type: ignore[arg-type]
+        return real_route(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_small, "_forward_from_cross_entropy", recording)
+    generator = torch.Generator().manual_seed(num_classes)
+    alphas = (0.05, 0.1, 0.5, 0.9)
+    for scale in (0.1, 1.0, 10.0, 100.0, 1e4):
+        logits = torch.randn(rows, num_classes, generator=generator) * scale
+        target = torch.randint(0, num_classes, (rows,), generator=generator)
+        p_ref = torch.softmax(logits.double(), -1)
+        r_ref = 1 - p_ref.gather(-1, target[:, None]).squeeze(-1)
+        for alpha in alphas:
+            with torch.no_grad():
+                loss = label_relaxation_loss(logits, target, alpha, reduction="none")
+            ref = projected_kl(logits, target, alpha)
+            err = (loss.double() - ref).abs() / loss_scale(logits, target, alpha)
+            assert bool((err <= RTOL32).all()), f"max loss error {err.max():.3e} of the scale"
+            assert bool((loss[r_ref <= 0.99 * alpha] == 0).all())
+    assert routed == ([a for a in alphas if a >= 0.1] * 5 if by_cross_entropy else [])
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 3, 10])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_forward_only_cross_entropy_route_semantics(ignore_index: int, reduction: str) -> None:
+    """Ignored rows (below, inside and above the class range), any integer target dtype and
+    batch shape, and an all-ignored batch, against the float64 general path."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 10, generator=generator) * 4
+    target = torch.randint(0, 10, (3, 5), generator=generator)
+    target[0, 1:4] = ignore_index
+    logits[0, 2] = float("nan")  # an ignored row's logits never reach the result
+    for target_ in (target, target.int(), torch.full_like(target, ignore_index)):
+        with torch.no_grad():
+            loss = label_relaxation_loss(
+                logits, target_, 0.2, ignore_index=ignore_index, reduction=reduction
+            )
+        expected = label_relaxation_loss(
+            logits.double(),
+            target_,
+            0.2,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            implementation="reference",
+        )
+        assert loss.dtype == torch.float32 and loss.shape == expected.shape
+        # float32 rounding of the 15 rows' terms (each RTOL32 of a scale below 10 here).
+        torch.testing.assert_close(loss.double(), expected, rtol=RTOL32, atol=15 * 10 * RTOL32)
+        counted = target_ != ignore_index
+        if reduction == "none":
+            assert bool((loss[~counted] == 0).all())
 
 
 @pytest.mark.parametrize("rows", [8, 9, 10, 17, 18, 19, 28])

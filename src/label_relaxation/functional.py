@@ -243,7 +243,7 @@ def _small_applies(
         and implementation != "reference"
         and not inplace
         and 0 < logits.numel() <= _small.SMALL_ELEMENTS
-        and logits.device.type == "cpu"
+        and logits.is_cpu  # a torch.device object costs more than the whole check
         and not target.is_floating_point()
         and (weight is None or not weight.requires_grad)
     )

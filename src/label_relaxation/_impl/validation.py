@@ -112,13 +112,12 @@ def check_target_kind(target: object, logits: Tensor) -> bool:
     """Check the target's type and shape; ``True`` means class indices, ``False`` one-hot."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    batch_shape = tuple(logits.shape[:-1])
     if target.is_floating_point():
-        if tuple(target.shape) != tuple(logits.shape):
+        if target.shape != logits.shape:
             raise ValueError(
                 f"a floating (one-hot) target must have the logits' shape {tuple(logits.shape)}, "
                 f"got shape {tuple(target.shape)}; class-index targets have shape "
-                f"logits.shape[:-1] = {batch_shape}"
+                f"logits.shape[:-1] = {tuple(logits.shape[:-1])}"
             )
         return False
     if target.dtype == torch.bool or target.is_complex():
@@ -126,7 +125,8 @@ def check_target_kind(target: object, logits: Tensor) -> bool:
             f"target must hold integer class indices or a floating one-hot encoding, "
             f"got dtype {target.dtype}"
         )
-    if tuple(target.shape) != batch_shape:
+    if target.shape != logits.shape[:-1]:
+        batch_shape = tuple(logits.shape[:-1])
         raise ValueError(
             f"target of class indices must have shape logits.shape[:-1] = {batch_shape}, "
             f"got shape {tuple(target.shape)}{_class_dim_hint(logits.shape, target.shape)}"
