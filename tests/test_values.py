@@ -401,9 +401,16 @@ def test_forward_only_cross_entropy_route_semantics(ignore_index: int, reduction
             implementation="reference",
         )
         assert loss.dtype == torch.float32 and loss.shape == expected.shape
-        # float32 rounding of the 15 rows' terms (each RTOL32 of a scale below 10 here).
-        torch.testing.assert_close(loss.double(), expected, rtol=RTOL32, atol=15 * 10 * RTOL32)
         counted = target_ != ignore_index
+        # Each counted row within RTOL32 of its terms' scale, as everywhere; a sum or mean
+        # within the sum (mean) of those bounds.
+        bound = torch.zeros(target_.shape, dtype=torch.float64)
+        if bool(counted.any()):
+            rows = loss_scale(logits[counted], target_[counted].long(), 0.2)
+            bound[counted] = RTOL32 * rows
+        if reduction != "none":
+            bound = bound.sum() / (max(int(counted.sum()), 1) if reduction == "mean" else 1)
+        assert bool(((loss.double() - expected).abs() <= bound).all())
         if reduction == "none":
             assert bool((loss[~counted] == 0).all())
 
