@@ -365,15 +365,16 @@ def _counted_rows(index: Tensor, num_classes: int, ignore_index: int) -> int:
 def _takes_cross_entropy(logits: Tensor, alpha: float, weight: Tensor | None) -> bool:
     """Whether a call may take :func:`_forward_from_cross_entropy` (see its bounds)."""
     num_classes = logits.shape[-1]
+    # The gradient test first: a call with a gradient (a training step) pays for it alone.
     return (
-        weight is None
+        not needs_gradient(logits)
+        and weight is None
         and alpha >= CROSS_ENTROPY_MIN_ALPHA
         and num_classes <= CROSS_ENTROPY_MAX_CLASSES
         and (
             num_classes >= 16 or num_classes == 2 or logits.numel() <= CROSS_ENTROPY_NARROW_ELEMENTS
         )
         and logits.dtype in (torch.float32, torch.float64)
-        and not needs_gradient(logits)
     )
 
 
