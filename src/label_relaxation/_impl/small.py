@@ -306,7 +306,7 @@ CROSS_ENTROPY_NARROW_ELEMENTS = 4096
 
 
 def _forward_from_cross_entropy(
-    logits: Tensor,
+    rows: Tensor,
     target: Tensor,
     alpha: float,
     ignore_index: int,
@@ -315,12 +315,12 @@ def _forward_from_cross_entropy(
 ) -> Tensor | None:
     """The loss without a gradient from ATen's per-row cross-entropy ``-log p_y``.
 
-    ``logits`` are float32 or float64 rows of at most :data:`CROSS_ENTROPY_MAX_CLASSES`
-    classes, ``alpha >= CROSS_ENTROPY_MIN_ALPHA``, and there are no class weights. ``None``
-    where an unchecked bad target must become NaN on the general path.
+    ``rows`` are ``(N, C)`` float32 or float64 logits of at most
+    :data:`CROSS_ENTROPY_MAX_CLASSES` classes, ``alpha >= CROSS_ENTROPY_MIN_ALPHA``, and there
+    are no class weights. Returns the reduced loss, or ``(N,)`` with ``reduction="none"``;
+    ``None`` where an unchecked bad target must become NaN on the general path.
     """
-    num_classes = logits.shape[-1]
-    rows = logits if logits.dim() == 2 else logits.reshape(-1, num_classes)
+    num_classes = rows.shape[-1]
     # A view costs a call: 1-D int64 targets (the usual batch) are taken as they are.
     index = target if target.dim() == 1 else target.reshape(-1)
     if index.dtype != torch.int64:
@@ -334,8 +334,11 @@ def _forward_from_cross_entropy(
         if validate:
             check.check_index_values(target, num_classes, ignore_index)  # our message
         return None
-    weight = 1.0 / _counted_rows(index, num_classes, ignore_index) if reduction == "mean" else 1.0
-    const = _constants(alpha, weight, cross_entropy.dtype)
+    # A mean over every row folds 1/N into the constants, as the kernel above does; a batch
+    # with ignored rows divides the sum instead, so that each count does not make constants.
+    counted = _counted_rows(index, num_classes, ignore_index) if reduction == "mean" else None
+    shared_weight = 1.0 / index.shape[0] if reduction == "mean" and counted is None else 1.0
+    const = _constants(alpha, shared_weight, cross_entropy.dtype)
     # log r = log(1 - exp(-ce)): r keeps ce's relative precision, and r = 1 gives 0 where p_y
     # underflows.
     log_r = cross_entropy.neg().expm1_().neg_().log_()
@@ -344,14 +347,17 @@ def _forward_from_cross_entropy(
     loss = torch.addcmul(const.offset_w, cross_entropy, const.one_minus_alpha_w)
     loss = loss.addcmul_(log_r, const.neg_alpha_w)
     loss = loss.masked_fill_(torch.le(cross_entropy, const.inside_cross_entropy), 0.0)
-    return loss.sum() if reduction != "none" else loss.reshape(logits.shape[:-1])
+    if reduction == "none":
+        return loss
+    # An all-ignored batch: its sum is 0, and so is its mean.
+    return loss.sum() if counted is None else loss.sum().div_(max(counted, 1))
 
 
-def _counted_rows(index: Tensor, num_classes: int, ignore_index: int) -> int:
-    """How many rows of checked targets ``index`` are not ``ignore_index`` (1 at least).
+def _counted_rows(index: Tensor, num_classes: int, ignore_index: int) -> int | None:
+    """How many rows of checked targets ``index`` are not ``ignore_index``; ``None``: all.
 
     With ``ignore_index`` outside ``[0, C)`` (the default -100) one extreme tells whether any
-    row is ignored; only then are they counted. An all-ignored batch gives 1: its loss is 0.
+    row is ignored; only then are they counted.
     """
     if ignore_index < 0:
         ignored = int(index.min()) < 0
@@ -359,7 +365,7 @@ def _counted_rows(index: Tensor, num_classes: int, ignore_index: int) -> int:
         ignored = int(index.max()) >= num_classes
     else:
         ignored = True
-    return max(int(index.ne(ignore_index).sum()), 1) if ignored else index.shape[0]
+    return int(index.ne(ignore_index).sum()) if ignored else None
 
 
 def _takes_cross_entropy(logits: Tensor, alpha: float, weight: Tensor | None) -> bool:
@@ -394,24 +400,39 @@ def small_call(
     """
     num_classes = logits.shape[-1]
     small_alpha = _small_alpha(alpha, validate)
-    if small_alpha is not None and _takes_cross_entropy(logits, small_alpha, weight):
-        return _forward_from_cross_entropy(
-            logits, target, small_alpha, ignore_index, reduction, validate
-        )
-    indices = (
-        None if small_alpha is None else _small_index(target, num_classes, ignore_index, validate)
-    )
-    if small_alpha is None or indices is None:
+    if small_alpha is None:
         return None
-    index, counted = indices
     # A reshape of logits that are rows already would still cost a view node in autograd.
     rows = logits if logits.dim() == 2 else logits.reshape(-1, num_classes)
     reduce = reduction != "none"
-    row_weight, ignored = _small_row_weight(weight, counted, index, logits.dtype, reduction)
+    if _takes_cross_entropy(logits, small_alpha, weight):
+        loss = _forward_from_cross_entropy(
+            rows, target, small_alpha, ignore_index, reduction, validate
+        )
+    else:
+        loss = _kernel_call(rows, target, small_alpha, weight, ignore_index, reduction, validate)
+    return loss if loss is None or reduce else loss.reshape(logits.shape[:-1])
+
+
+def _kernel_call(
+    rows: Tensor,
+    target: Tensor,
+    alpha: float,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    validate: bool,
+) -> Tensor | None:
+    """The loss of ``(N, C)`` rows through :func:`small_rows` (reduced, or ``(N,)``)."""
+    indices = _small_index(target, rows.shape[-1], ignore_index, validate)
+    if indices is None:
+        return None
+    index, counted = indices
+    reduce = reduction != "none"
+    row_weight, ignored = _small_row_weight(weight, counted, index, rows.dtype, reduction)
 
     def kernel(grad_out: Tensor | None) -> Tensor:
-        loss_rows = small_rows(rows, index, small_alpha, row_weight, ignored, grad_out)
+        loss_rows = small_rows(rows, index, alpha, row_weight, ignored, grad_out)
         return loss_rows if reduce else loss_rows.squeeze(-1)  # a sum needs no squeeze
 
-    loss = apply_fused(rows, kernel, reduce, inplace=False)
-    return loss if reduce else loss.reshape(logits.shape[:-1])
+    return apply_fused(rows, kernel, reduce, inplace=False)
