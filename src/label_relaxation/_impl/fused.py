@@ -45,11 +45,13 @@ CHUNK_ELEMENTS = 1 << 21
 # than the cache saves).
 FORWARD_CHUNK_ELEMENTS = 1 << 19
 FORWARD_CHUNK_MIN_CLASSES = 64
-# ... but at least this many rows: every chunk pays about 20 operator calls, and 2 MiB chunks
-# are 16 rows at 32000 classes and 4 at 128256. Forward at 2048x128256 took 173 against 266 ms
-# with 32-row chunks, at 4096x32000 107 against 122 ms (64 rows: 178 and 98 ms), at 8192x4096
-# 31.1 against 32.5 ms (one process, alternating, medians of 7; eager cross-entropy 265, 109
-# and 32 ms). 32 rows of 32000 classes are 2 MiB per thread with 2 threads.
+# ... but at least this many rows: every chunk pays its operator calls, and 2 MiB chunks are 16
+# rows at 32000 classes and 4 at 128256. With the ten calls per chunk of `_exponent_masses`,
+# forward at 2048x128256 took 173 against 266 ms with 32-row chunks, at 4096x32000 107 against
+# 122 ms (64 rows: 178 and 98 ms), at 8192x4096 31.1 against 32.5 ms (one process,
+# alternating, medians of 7; eager cross-entropy 265, 109 and 32 ms); the forward pass now
+# makes six (`_forward_statistics`). 32 rows of 32000 classes are 2 MiB per thread with 2
+# threads.
 FORWARD_CHUNK_MIN_ROWS = 32
 # Other devices (not measured yet: no GPU was available): each of the ~25 small operations per
 # chunk is a kernel launch of a few microseconds, so chunks are large (256 MiB of float32, about
@@ -250,6 +252,43 @@ def _exponent_masses(logits: Tensor, target: Tensor, work: Tensor, stats: _RowSt
     torch.sum(work, -1, keepdim=True, out=stats.rest)
 
 
+def _forward_statistics(logits: Tensor, target: Tensor, stats: _RowStatistics) -> None:
+    """Fill ``stats`` for a forward pass without a gradient: six calls per chunk.
+
+    Nothing here needs the masses afterwards, so each chunk makes only what the non-target
+    mass needs: the row maximum and the target's logit (kept for all rows), the exponent in the
+    scratch buffer, ``-inf`` at the target (whose power is then exactly 0), the power and the
+    sum. The target's shifted logit and its mass are formed once for all rows after the loop,
+    not per chunk (:func:`_exponent_masses` makes ten calls per chunk).
+    """
+    base = exp_base(logits.device)
+    dtype = stats.rest.dtype
+    # The row maxima and target logits of all rows, in the logits' dtype.
+    row_max, target_logit = logits.new_empty((2, logits.shape[0], 1))
+
+    def step(chunk: slice, work: Tensor) -> None:
+        chunk_logits, chunk_max, chunk_target = logits[chunk], row_max[chunk], target[chunk]
+        # Read while the chunk is in cache: after the loop each row's would be a cache miss.
+        torch.gather(chunk_logits, -1, chunk_target, out=target_logit[chunk])
+        torch.amax(chunk_logits, -1, keepdim=True, out=chunk_max)
+        # Half-precision maxima are promoted first, so that z - m is formed in the compute dtype.
+        shift = chunk_max if chunk_max.dtype == dtype else chunk_max.to(dtype)
+        if base.two:
+            exponent(chunk_logits, shift.mul(-base.scale), base, out=work)
+        else:
+            torch.sub(chunk_logits, shift, out=work)
+        work.scatter_(-1, chunk_target, -torch.inf)
+        if base.two:
+            work.exp2_()
+        else:
+            work.exp_()
+        torch.sum(work, -1, keepdim=True, out=stats.rest[chunk])
+
+    for_each_chunk(logits, None, step)
+    torch.sub(target_logit.to(dtype), row_max.to(dtype), out=stats.target_shifted)
+    torch.exp(stats.target_shifted, out=stats.target)
+
+
 def _write_gradient(
     work: Tensor, target: Tensor, stats: _RowStatistics, alpha: AlphaLike, row_weight: Tensor
 ) -> Tensor:
@@ -353,6 +392,9 @@ def fused_rows(
     target = target.unsqueeze(-1)
     row_weight = row_weight.unsqueeze(-1)
     column_alpha = alpha.unsqueeze(-1) if isinstance(alpha, Tensor) else alpha
+    if grad_out is None:
+        _forward_statistics(logits, target, stats)
+        return _loss_from_statistics(stats, column_alpha, row_weight).squeeze(-1)
     by_softmax = _by_softmax(logits, grad_out)
 
     def step(chunk: slice, work: Tensor) -> None:
