@@ -257,9 +257,11 @@ def _forward_statistics(logits: Tensor, target: Tensor, stats: _RowStatistics) -
 
     Nothing here needs the masses afterwards, so each chunk makes only what the non-target
     mass needs: the row maximum and the target's logit (kept for all rows), the exponent in the
-    scratch buffer, ``-inf`` at the target (whose power is then exactly 0), the power and the
-    sum. The target's shifted logit and its mass are formed once for all rows after the loop,
-    not per chunk (:func:`_exponent_masses` makes ten calls per chunk).
+    scratch buffer, its power, 0 at the target and the sum. The target's shifted logit and its
+    mass are formed once for all rows after the loop, not per chunk (:func:`_exponent_masses`
+    makes ten calls per chunk). Alternating with that route in one process (medians of 10
+    rounds), forward took 0.83-0.95x its time at 131072x32, 16384x100, 16384x1000, 4096x32000,
+    8192x32000 and 2048x128256.
     """
     base = exp_base(logits.device)
     dtype = stats.rest.dtype
@@ -277,11 +279,13 @@ def _forward_statistics(logits: Tensor, target: Tensor, stats: _RowStatistics) -
             exponent(chunk_logits, shift.mul(-base.scale), base, out=work)
         else:
             torch.sub(chunk_logits, shift, out=work)
-        work.scatter_(-1, chunk_target, -torch.inf)
         if base.two:
             work.exp2_()
         else:
             work.exp_()
+        # Zeroed after the power, not -inf before it: ATen's vectorised exp takes a slow path
+        # for every vector that holds an infinity (131072x32 forward 1.23x the time).
+        work.scatter_(-1, chunk_target, 0.0)
         torch.sum(work, -1, keepdim=True, out=stats.rest[chunk])
 
     for_each_chunk(logits, None, step)
