@@ -35,8 +35,10 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
             monkeypatch.setattr(_closed_form, "_CPU_BASE", _closed_form.BASE_TWO)
             monkeypatch.setattr(_fused, "SOFTMAX_ON_CPU", False)
         else:
-            # The CPU's gradients by softmax, on the tests' narrow rows too.
+            # The CPU's softmax route (gradients, and forward passes without one), on the
+            # tests' narrow rows too.
             monkeypatch.setattr(_fused, "SOFTMAX_MIN_CLASSES", 2)
+            monkeypatch.setattr(_fused, "FORWARD_SOFTMAX_MIN_CLASSES", 2)
         return "fused"
     return str(request.param)
 

@@ -214,20 +214,30 @@ def _masses(
 
 
 def _probabilities(logits: Tensor, target: Tensor, work: Tensor, stats: _RowStatistics) -> None:
-    """:func:`_masses` by softmax: ``p`` in ``work``, normalised statistics.
+    """:func:`_masses` by softmax: ``p`` in ``work``, normalised statistics."""
+    _softmax_masses(logits, target, work, stats)
+    _exact_log_target(logits, target, stats)
 
-    ``log p_y = log(p_y)`` keeps full precision while ``p_y`` is a normal number; rows where it
-    is not (a saturated row, the target far below the maximum) get ``z_y - logsumexp(z)``
-    instead, computed for those rows alone. Reading that condition is free on the CPU.
-    """
+
+def _softmax_masses(logits: Tensor, target: Tensor, work: Tensor, stats: _RowStatistics) -> None:
+    """``p`` in ``work`` (``p_y = 0``), ``p_y`` and the non-target mass in ``stats``: four calls."""
     torch.softmax(logits, -1, out=work)
     torch.gather(work, -1, target, out=stats.target)
     work.scatter_(-1, target, 0.0)
     torch.sum(work, -1, keepdim=True, out=stats.rest)
+
+
+def _exact_log_target(logits: Tensor, target: Tensor, stats: _RowStatistics) -> None:
+    """``log p_y`` of the softmax route's rows into ``stats.target_shifted``.
+
+    ``log(p_y)`` keeps full precision while ``p_y`` is a normal number; rows where it is not (a
+    saturated row, the target far below the maximum) get ``z_y - logsumexp(z)`` instead,
+    computed for those rows alone. Reading that condition is free on the CPU.
+    """
     torch.log(stats.target, out=stats.target_shifted)
     # Above 64 times the smallest normal number p_y has its full relative precision. The
     # comparison is False for NaN (rows of garbage keep their NaN).
-    underflow = stats.target < 64 * torch.finfo(work.dtype).tiny
+    underflow = stats.target < 64 * torch.finfo(stats.target.dtype).tiny
     if bool(underflow.any()):
         rows = underflow.squeeze(-1).nonzero().squeeze(-1)
         saturated = logits[rows]
@@ -252,15 +262,52 @@ def _exponent_masses(logits: Tensor, target: Tensor, work: Tensor, stats: _RowSt
     torch.sum(work, -1, keepdim=True, out=stats.rest)
 
 
-def _forward_statistics(logits: Tensor, target: Tensor, stats: _RowStatistics) -> None:
-    """Fill ``stats`` for a forward pass without a gradient: six calls per chunk.
+# Forward only, CPU rows of at least this many classes take ATen's softmax, four calls per chunk
+# (max, exponentials and normalisation in one kernel, row by row in the L1 cache), where the
+# exponent route makes six. Alternating with the exponent route in one process (medians of 10
+# rounds, two runs): 0.91-0.99x its time at 16384x1000, 0.91x at 4096x32000, 0.76x at
+# 8192x32000, 0.91-0.94x at 2048x128256, 0.94x at 8192x512, 0.93x at 65536x64, 0.99x at
+# 16384x256, 0.99-1.01x at 16384x100 and 2048x1000; but 1.11x at 131072x32.
+FORWARD_SOFTMAX_MIN_CLASSES = 64
 
-    Nothing here needs the masses afterwards, so each chunk makes only what the non-target
-    mass needs: the row maximum and the target's logit (kept for all rows), the exponent in the
-    scratch buffer, its power, 0 at the target and the sum. The target's shifted logit and its
-    mass are formed once for all rows after the loop, not per chunk (:func:`_exponent_masses`
-    makes ten calls per chunk). Alternating with that route in one process (medians of 10
-    rounds), forward took 0.83-0.95x its time at 131072x32, 16384x100, 16384x1000, 4096x32000,
+
+def _forward_by_softmax(logits: Tensor) -> bool:
+    """Whether a forward pass without a gradient takes the softmax route (see above)."""
+    return (
+        SOFTMAX_ON_CPU
+        and logits.device.type == "cpu"
+        and logits.dtype == compute_dtype(logits.dtype)
+        and logits.shape[-1] >= FORWARD_SOFTMAX_MIN_CLASSES
+    )
+
+
+def _forward_statistics(logits: Tensor, target: Tensor, stats: _RowStatistics) -> None:
+    """Fill ``stats`` for a forward pass without a gradient: no masses are kept."""
+    if _forward_by_softmax(logits):
+        _forward_by_softmax_statistics(logits, target, stats)
+    else:
+        _forward_by_exponent_statistics(logits, target, stats)
+
+
+def _forward_by_softmax_statistics(logits: Tensor, target: Tensor, stats: _RowStatistics) -> None:
+    """Four calls per chunk (:func:`_softmax_masses`); ``log p_y`` once after the loop."""
+
+    def step(chunk: slice, work: Tensor) -> None:
+        chunk_stats = _RowStatistics(*(stat[chunk] for stat in stats))
+        _softmax_masses(logits[chunk], target[chunk], work, chunk_stats)
+
+    for_each_chunk(logits, None, step)
+    _exact_log_target(logits, target, stats)
+
+
+def _forward_by_exponent_statistics(logits: Tensor, target: Tensor, stats: _RowStatistics) -> None:
+    """Six calls per chunk, where :func:`_exponent_masses` makes ten.
+
+    Each chunk makes only what the non-target mass needs: the row maximum and the target's
+    logit (kept for all rows), the exponent in the scratch buffer, its power, 0 at the target
+    and the sum. The target's shifted logit and its mass are formed once for all rows after
+    the loop. Alternating with the ten-call route in one process (medians of 10 rounds),
+    forward took 0.83-0.95x its time at 131072x32, 16384x100, 16384x1000, 4096x32000,
     8192x32000 and 2048x128256.
     """
     base = exp_base(logits.device)
@@ -276,13 +323,9 @@ def _forward_statistics(logits: Tensor, target: Tensor, stats: _RowStatistics) -
         # Half-precision maxima are promoted first, so that z - m is formed in the compute dtype.
         shift = chunk_max if chunk_max.dtype == dtype else chunk_max.to(dtype)
         if base.two:
-            exponent(chunk_logits, shift.mul(-base.scale), base, out=work)
+            exponent(chunk_logits, shift.mul(-base.scale), base, out=work).exp2_()
         else:
-            torch.sub(chunk_logits, shift, out=work)
-        if base.two:
-            work.exp2_()
-        else:
-            work.exp_()
+            torch.sub(chunk_logits, shift, out=work).exp_()
         # Zeroed after the power, not -inf before it: ATen's vectorised exp takes a slow path
         # for every vector that holds an infinity (131072x32 forward 1.23x the time).
         work.scatter_(-1, chunk_target, 0.0)
