@@ -264,10 +264,11 @@ def _exponent_masses(logits: Tensor, target: Tensor, work: Tensor, stats: _RowSt
 
 # Forward only, CPU rows of at least this many classes take ATen's softmax, four calls per chunk
 # (max, exponentials and normalisation in one kernel, row by row in the L1 cache), where the
-# exponent route makes six. Alternating with the exponent route in one process (medians of 10
-# rounds, two runs): 0.91-0.99x its time at 16384x1000, 0.91x at 4096x32000, 0.76x at
-# 8192x32000, 0.91-0.94x at 2048x128256, 0.94x at 8192x512, 0.93x at 65536x64, 0.99x at
-# 16384x256, 0.99-1.01x at 16384x100 and 2048x1000; but 1.11x at 131072x32.
+# exponent route makes six. Alternating with the exponent route in one process (medians of
+# 10-12 rounds, up to three runs per shape): 0.87-0.99x its time at 16384x1000, 0.91-0.94x at
+# 4096x32000, 0.76-0.88x at 8192x32000, 0.91-0.96x at 2048x128256, 0.94x at 8192x512,
+# 0.93x at 65536x64, 0.99x at 16384x256, 0.96-1.01x at 16384x100, 0.97-0.99x at 2048x1000;
+# but 1.11x at 131072x32 (ATen's softmax over short rows is slow, see SOFTMAX_MIN_CLASSES).
 FORWARD_SOFTMAX_MIN_CLASSES = 64
 
 
