@@ -49,8 +49,8 @@ FORWARD_CHUNK_MIN_CLASSES = 64
 # rows at 32000 classes and 4 at 128256. With the ten calls per chunk of `_exponent_masses`,
 # forward at 2048x128256 took 173 against 266 ms with 32-row chunks, at 4096x32000 107 against
 # 122 ms (64 rows: 178 and 98 ms), at 8192x4096 31.1 against 32.5 ms (one process,
-# alternating, medians of 7; eager cross-entropy 265, 109 and 32 ms); the forward pass now
-# makes six (`_forward_statistics`). 32 rows of 32000 classes are 2 MiB per thread with 2
+# alternating, medians of 7; eager cross-entropy 265, 109 and 32 ms); the forward pass makes
+# four or six (`_forward_statistics`). 32 rows of 32000 classes are 2 MiB per thread with 2
 # threads.
 FORWARD_CHUNK_MIN_ROWS = 32
 # Other devices (not measured yet: no GPU was available): each of the ~25 small operations per
