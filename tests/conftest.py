@@ -21,8 +21,9 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     """Every core test runs on each kernel.
 
     The fused path's small-input kernel (what small shapes get), its chunked kernel (forced for
-    small shapes too) as this CPU runs it (gradients by softmax) and by the exponent route in
-    base 2 (what GPUs run), and the pure formulation.
+    small shapes too; forward passes without a gradient take its statistics with the small
+    path's per-row part, as large inputs do) as this CPU runs it (by softmax) and by the
+    exponent route in base 2 (what GPUs run), and the pure formulation.
     """
     if request.param.startswith("fused-chunked"):
         from label_relaxation._impl import closed_form as _closed_form

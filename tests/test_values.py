@@ -314,8 +314,10 @@ def test_loss_relative_precision_just_outside_the_set(implementation: str, alpha
 
     Just outside the set (r = k·alpha, 1.5 <= k <= 3) the loss is about alpha·(k-1)²/(2k), and
     its relative sensitivity to r is (r - alpha)/loss <= 6, so float32's relative error of r
-    (a few ulp per summed mass, ~1e-6) allows about 1e-5; measured up to 1.2e-5 on every path,
-    hence 5e-5. log(1 - r) in place of log1p(-r) gives 3e-2 here. At alpha >= 0.1 the forward
+    (a few ulp per summed mass, ~1e-6) allows about 1e-5; measured up to 1.2e-5 on every path
+    with a gradient, and up to 1.6e-5 without one with 1000-32000 classes (whose per-row part
+    works in log space: two logs of up to |log alpha| with their rounding), hence 5e-5.
+    log(1 - r) in place of log1p(-r) gives 3e-2 here. At alpha >= 0.1 the forward
     pass of these 50-class rows takes r from cross-entropy (measured 6.5e-6 at 0.1); with 1000
     classes that would reach 2.0e-5, hence its bound of 128 classes.
     """
@@ -413,6 +415,66 @@ def test_forward_only_cross_entropy_route_semantics(ignore_index: int, reduction
         assert bool(((loss.double() - expected).abs() <= bound).all())
         if reduction == "none":
             assert bool((loss[~counted] == 0).all())
+
+
+@pytest.mark.parametrize("num_classes", [7, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_forward_only_above_the_small_bound(
+    monkeypatch: pytest.MonkeyPatch, num_classes: int, dtype: torch.dtype
+) -> None:
+    """Without a gradient, inputs above the small-input bound take the chunked statistics (by
+    exponent under 64 classes, by softmax from 64, in 4-row chunks here) with the small path's
+    per-row part: ignored rows, class weights, int32 targets, 3-D logits and every reduction
+    against the float64 general path, each counted row within RTOL32 of its terms' scale."""
+    from label_relaxation._impl import fused as _fused
+    from label_relaxation._impl import small as _small
+
+    monkeypatch.setattr(_small, "SMALL_ELEMENTS", 16)
+    monkeypatch.setattr(_fused, "CHUNK_ELEMENTS", 4 * num_classes)
+    monkeypatch.setattr(_fused, "FORWARD_CHUNK_ELEMENTS", 4 * num_classes)
+    monkeypatch.setattr(_fused, "FORWARD_CHUNK_MIN_ROWS", 1)
+    calls = []
+    statistics = _small.forward_statistics
+
+    def spy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(logits.shape)
+        return statistics(logits, target)
+
+    monkeypatch.setattr(_small, "forward_statistics", spy)
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 7, num_classes, generator=generator) * 4).to(dtype)
+    target = torch.randint(0, num_classes, (3, 7), generator=generator).int()
+    target[1, 2:5] = -100
+    logits[1, 3] = float("nan")  # an ignored row's logits never reach the result
+    weight = torch.rand(num_classes, generator=generator) + 0.5
+    for class_weight in (None, weight):
+        for reduction in ("none", "mean", "sum"):
+            with torch.no_grad():
+                loss = label_relaxation_loss(
+                    logits, target, 0.05, weight=class_weight, reduction=reduction
+                )
+            expected = label_relaxation_loss(
+                logits.double(),
+                target,
+                0.05,
+                weight=None if class_weight is None else class_weight.double(),
+                reduction=reduction,
+                implementation="reference",
+            )
+            counted = target != -100
+            rows = loss_scale(logits[counted].double(), target[counted].long(), 0.05)
+            if class_weight is not None:
+                rows = rows * class_weight.double()[target[counted].long()]
+            bound = torch.zeros(target.shape, dtype=torch.float64)
+            bound[counted] = RTOL32 * rows
+            if reduction != "none":
+                total = int(counted.sum()) if class_weight is None else None
+                denominator = (
+                    class_weight.double()[target[counted].long()].sum() if total is None else total
+                )
+                bound = bound.sum() / (denominator if reduction == "mean" else 1)
+            assert bool(((loss.double() - expected).abs() <= bound).all())
+    assert len(calls) == 6 and all(shape == (21, num_classes) for shape in calls)
 
 
 @pytest.mark.parametrize("rows", [8, 9, 10, 17, 18, 19, 28])

@@ -242,7 +242,7 @@ def _small_applies(
         not is_transformed(logits)
         and implementation != "reference"
         and not inplace
-        and 0 < logits.numel() <= _small.SMALL_ELEMENTS
+        and _small.size_fits(logits)
         and logits.is_cpu  # a torch.device object costs more than the whole check
         and not target.is_floating_point()
         and (weight is None or not weight.requires_grad)

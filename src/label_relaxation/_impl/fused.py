@@ -282,6 +282,20 @@ def _forward_by_softmax(logits: Tensor) -> bool:
     )
 
 
+def forward_statistics(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rest, log p'_y)`` of ``logits`` ``(N, C)`` without a gradient, ``(N, 1)`` each.
+
+    ``target`` ``(N, 1)`` holds valid class indices. ``rest`` is the non-target mass, summed
+    directly, in the scale of ``p'_y`` (normalised or shifted by the row maximum: only their
+    ratio has a meaning); the compute dtype.
+    """
+    stats = _RowStatistics(
+        *logits.new_empty((3, logits.shape[0], 1), dtype=compute_dtype(logits.dtype))
+    )
+    _forward_statistics(logits, target, stats)
+    return stats.rest, stats.target_shifted
+
+
 def _forward_statistics(logits: Tensor, target: Tensor, stats: _RowStatistics) -> None:
     """Fill ``stats`` for a forward pass without a gradient: no masses are kept."""
     if _forward_by_softmax(logits):

@@ -16,9 +16,12 @@ cross-entropy instead, one call where the kernel makes about twenty, within boun
 to keep the precision of the other paths (:func:`_forward_from_cross_entropy`).
 
 The chunked kernel (:mod:`label_relaxation._impl.fused`) takes over above :data:`SMALL_ELEMENTS`,
-where passes over memory, not calls, set the cost. :func:`small_call` prepares the arguments
-(one ``aminmax`` reads and checks the targets) and falls back, returning ``None``, where the
-general path must run.
+where passes over memory, not calls, set the cost: with a gradient wholly, without one for the
+row statistics only (:func:`~label_relaxation._impl.fused.forward_statistics`, which holds no
+full-size temporary), while the arguments and the per-row part stay here, a few dozen calls
+fewer than the general path's. :func:`small_call` prepares the arguments (one ``aminmax``
+reads and checks the targets) and falls back, returning ``None``, where the general path must
+run.
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ from torch import Tensor
 
 from label_relaxation._impl import validation as check
 from label_relaxation._impl.closed_form import AlphaLike
-from label_relaxation._impl.fused import apply_fused, compute_dtype, needs_gradient
+from label_relaxation._impl.fused import (
+    apply_fused,
+    compute_dtype,
+    forward_statistics,
+    needs_gradient,
+)
 
 # Up to 2^20 logits (4 MiB of float32). Against the chunked kernel on a 2-core AVX-512 Xeon (one
 # process, alternating, medians of 9 blocks, two runs), this kernel took 0.5-0.9x its time per
@@ -75,29 +83,51 @@ def small_rows(
         (row_weight, None) if isinstance(row_weight, float) else (None, row_weight)
     )
     const = _constants(alpha, shared_weight, dtype)
-    direct = grad_out is not None and grad_out.dtype == dtype
-    # ATen's log_softmax over a short last dimension costs several times these calls. Half
-    # precision logits minus a float32 column promote to float32 in the same call.
+    if grad_out is None:
+        if logits.numel() > SMALL_ELEMENTS:
+            # Larger inputs without a gradient: the chunked kernel's statistics, which never
+            # hold a full-size temporary, and this kernel's per-row part.
+            rest, target_shifted = forward_statistics(logits, index)
+        else:
+            mass, target_shifted = _masses(logits, index, dtype, None)
+            rest = mass.sum(-1, keepdim=True)
+        loss = _loss_without_gradient(rest, target_shifted, const)
+        return _weighted(loss, own_weights, ignored)
+    direct = grad_out.dtype == dtype
+    mass, target_shifted = _masses(logits, index, dtype, grad_out if direct else None)
+    rest = mass.sum(-1, keepdim=True)
+    loss, scale = _loss_and_scale(rest, target_shifted, const)
+    loss = _weighted(loss, own_weights, ignored)
+    _write_gradient(mass, index, rest, scale, own_weights, ignored, const.zero)
+    if not direct:
+        grad_out.copy_(mass)
+    return loss
+
+
+def _masses(
+    logits: Tensor, index: Tensor, dtype: torch.dtype, out: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(p', z_y - m)``: the unnormalised probabilities with ``p'_y = 0``, in ``out`` if given.
+
+    ATen's log_softmax over a short last dimension costs several times these calls. Half
+    precision logits minus a float32 column promote to float32 in the same call.
+    """
     row_max = logits.amax(-1, keepdim=True)
     if row_max.dtype != dtype:
         row_max = row_max.to(dtype)
-    shifted = torch.sub(logits, row_max, out=grad_out) if direct else torch.sub(logits, row_max)
+    shifted = torch.sub(logits, row_max, out=out) if out is not None else torch.sub(logits, row_max)
     target_shifted = shifted.gather(-1, index)
     mass = shifted.exp_()
     mass.scatter_(-1, index, 0.0)
-    rest = mass.sum(-1, keepdim=True)
-    if grad_out is None:
-        loss = _loss_without_gradient(rest, target_shifted, const)
-    else:
-        loss, scale = _loss_and_scale(rest, target_shifted, const)
+    return mass, target_shifted
+
+
+def _weighted(loss: Tensor, own_weights: Tensor | None, ignored: Tensor | None) -> Tensor:
+    """``loss`` rows times their own weights, rows that do not count set to 0 (in place)."""
     if own_weights is not None:
         loss = loss.mul_(own_weights)
     if ignored is not None:
         loss = loss.masked_fill_(ignored, 0.0)
-    if grad_out is not None:
-        _write_gradient(mass, index, rest, scale, own_weights, ignored, const.zero)
-        if not direct:
-            grad_out.copy_(mass)
     return loss
 
 
@@ -366,6 +396,16 @@ def _counted_rows(index: Tensor, num_classes: int, ignore_index: int) -> int | N
     else:
         ignored = True
     return int(index.ne(ignore_index).sum()) if ignored else None
+
+
+def size_fits(logits: Tensor) -> bool:
+    """Whether ``logits`` suit this path by size.
+
+    At most :data:`SMALL_ELEMENTS` logits, or any number without a gradient: larger inputs are
+    then walked in chunks (:func:`small_rows`).
+    """
+    numel = logits.numel()
+    return numel > 0 and (numel <= SMALL_ELEMENTS or not needs_gradient(logits))
 
 
 def _takes_cross_entropy(logits: Tensor, alpha: float, weight: Tensor | None) -> bool:
