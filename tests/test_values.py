@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -335,6 +337,20 @@ def test_loss_relative_precision_just_outside_the_set(implementation: str, alpha
         assert relative <= 5e-5, f"max relative loss error {relative:.2e}"
 
 
+def forward_only_and_reference(
+    logits: torch.Tensor, target: torch.Tensor, alpha: float, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss without a gradient, and the float64 pure formulation's with the same arguments."""
+    with torch.no_grad():
+        loss = label_relaxation_loss(logits, target, alpha, **kwargs)
+    weight = kwargs.get("weight")
+    kwargs["weight"] = None if weight is None else weight.double()
+    expected = label_relaxation_loss(
+        logits.double(), target, alpha, implementation="reference", **kwargs
+    )
+    return loss, expected
+
+
 @pytest.mark.parametrize(
     ("rows", "num_classes", "by_cross_entropy"),
     [
@@ -390,17 +406,8 @@ def test_forward_only_cross_entropy_route_semantics(ignore_index: int, reduction
     target[0, 1:4] = ignore_index
     logits[0, 2] = float("nan")  # an ignored row's logits never reach the result
     for target_ in (target, target.int(), torch.full_like(target, ignore_index)):
-        with torch.no_grad():
-            loss = label_relaxation_loss(
-                logits, target_, 0.2, ignore_index=ignore_index, reduction=reduction
-            )
-        expected = label_relaxation_loss(
-            logits.double(),
-            target_,
-            0.2,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            implementation="reference",
+        loss, expected = forward_only_and_reference(
+            logits, target_, 0.2, ignore_index=ignore_index, reduction=reduction
         )
         assert loss.dtype == torch.float32 and loss.shape == expected.shape
         counted = target_ != ignore_index
@@ -449,17 +456,8 @@ def test_forward_only_above_the_small_bound(
     weight = torch.rand(num_classes, generator=generator) + 0.5
     for class_weight in (None, weight):
         for reduction in ("none", "mean", "sum"):
-            with torch.no_grad():
-                loss = label_relaxation_loss(
-                    logits, target, 0.05, weight=class_weight, reduction=reduction
-                )
-            expected = label_relaxation_loss(
-                logits.double(),
-                target,
-                0.05,
-                weight=None if class_weight is None else class_weight.double(),
-                reduction=reduction,
-                implementation="reference",
+            loss, expected = forward_only_and_reference(
+                logits, target, 0.05, weight=class_weight, reduction=reduction
             )
             counted = target != -100
             rows = loss_scale(logits[counted].double(), target[counted].long(), 0.05)
