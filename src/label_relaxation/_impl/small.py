@@ -412,8 +412,11 @@ def _takes_cross_entropy(logits: Tensor, alpha: float, weight: Tensor | None) ->
     """Whether a call may take :func:`_forward_from_cross_entropy` (see its bounds)."""
     num_classes = logits.shape[-1]
     # The gradient test first: a call with a gradient (a training step) pays for it alone.
+    # Above SMALL_ELEMENTS the chunked statistics hold no full-size temporary, where
+    # cross-entropy writes its whole log-softmax.
     return (
         not needs_gradient(logits)
+        and logits.numel() <= SMALL_ELEMENTS
         and weight is None
         and alpha >= CROSS_ENTROPY_MIN_ALPHA
         and num_classes <= CROSS_ENTROPY_MAX_CLASSES
