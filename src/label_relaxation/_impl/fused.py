@@ -188,15 +188,27 @@ def _by_softmax(logits: Tensor, grad_out: Tensor | None) -> bool:
     logits, ATen's softmax writes the probabilities in one kernel: the max, the exponential
     sum and the normalised write, one pass fewer over the chunk than the exponent route, and
     122-123 against 136-138 ms per forward+backward at 4096x32000 here (18.0-18.3 against
-    20.0-20.2 ms at 16384x1000; two processes each, medians of 7). Forward only, the exponent
-    route into a small scratch buffer stays faster (10.6 against 12.0 ms at 16384x1000); in
-    place the logits are gone before a saturated row could be recomputed from them.
+    20.0-20.2 ms at 16384x1000; two processes each, medians of 7). In place the logits are gone
+    before a saturated row could be recomputed from them. Forward passes without a gradient
+    decide by :func:`_forward_by_softmax`.
     """
-    if grad_out is None or not SOFTMAX_ON_CPU or logits.device.type != "cpu":
+    if grad_out is None or not _softmax_serves(logits, SOFTMAX_MIN_CLASSES):
         return False
     in_place = grad_out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
-    own_dtype = grad_out.dtype == logits.dtype == compute_dtype(logits.dtype)
-    return own_dtype and not in_place and logits.shape[-1] >= SOFTMAX_MIN_CLASSES
+    return grad_out.dtype == logits.dtype and not in_place
+
+
+def _softmax_serves(logits: Tensor, min_classes: int) -> bool:
+    """Whether ATen's softmax may write this call's probabilities.
+
+    On the CPU, in the logits' own dtype (float32 or float64), rows of at least ``min_classes``.
+    """
+    return (
+        SOFTMAX_ON_CPU
+        and logits.device.type == "cpu"
+        and logits.dtype == compute_dtype(logits.dtype)
+        and logits.shape[-1] >= min_classes
+    )
 
 
 def _masses(
@@ -274,12 +286,7 @@ FORWARD_SOFTMAX_MIN_CLASSES = 64
 
 def _forward_by_softmax(logits: Tensor) -> bool:
     """Whether a forward pass without a gradient takes the softmax route (see above)."""
-    return (
-        SOFTMAX_ON_CPU
-        and logits.device.type == "cpu"
-        and logits.dtype == compute_dtype(logits.dtype)
-        and logits.shape[-1] >= FORWARD_SOFTMAX_MIN_CLASSES
-    )
+    return _softmax_serves(logits, FORWARD_SOFTMAX_MIN_CLASSES)
 
 
 def forward_statistics(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
