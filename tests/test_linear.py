@@ -32,6 +32,12 @@ def packing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return str(request.param)
 
 
+@pytest.fixture(autouse=True)
+def class_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU products in pieces of 16 classes: the 40 classes make two whole pieces and a part."""
+    monkeypatch.setattr(_linear, "CPU_PIECE_CLASSES", 16)
+
+
 def reference(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -195,23 +201,26 @@ def test_weight_gradient_of_a_packed_block_runs_in_pieces(
 
 
 class ProductOutputs(TorchDispatchMode):
-    """Records, for each block's forward product (an ``(R, V)`` ``mm``/``addmm``), where it wrote.
+    """Records, for each forward product (a ``mm``/``addmm`` over the H features), where it wrote.
 
-    ``None`` stands for a product into fresh memory (no ``out=``).
+    ``None`` stands for a product into fresh memory (no ``out=``). The gradient products
+    contract over the classes or the rows, not the features.
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, features: int) -> None:
         super().__init__()
-        self.num_classes = num_classes
+        self.features = features
         self.storages: list[int | None] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         result = func(*args, **(kwargs or {}))
-        product = func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm)
-        if product and result.shape[-1] == self.num_classes:
-            into_buffer = func in (torch.ops.aten.mm.out, torch.ops.aten.addmm.out)
-            storage = result.untyped_storage().data_ptr()
-            self.storages.append(storage if into_buffer else None)
+        packet = func.overloadpacket
+        if packet in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            left = args[0] if packet is torch.ops.aten.mm else args[1]
+            if left.shape[-1] == self.features:
+                into_buffer = func in (torch.ops.aten.mm.out, torch.ops.aten.addmm.out)
+                storage = result.untyped_storage().data_ptr()
+                self.storages.append(storage if into_buffer else None)
         return result
 
 
@@ -220,9 +229,9 @@ class ProductOutputs(TorchDispatchMode):
 def test_every_block_of_logits_reuses_one_buffer(bias: bool, dtype: torch.dtype) -> None:
     # Fresh memory for every block costs its page faults each time (docs/language-models.md).
     x, w, b, target = make_inputs((23,), bias=bias, dtype=dtype)
-    with ProductOutputs(w.shape[0]) as outputs:
+    with ProductOutputs(H) as outputs:
         loss = linear_label_relaxation_loss(x, w, target, 0.1, linear_bias=b, chunk_size=5)
-    assert len(outputs.storages) == 5  # 23 rows in blocks of 5
+    assert len(outputs.storages) == 5 * 3  # 23 rows in blocks of 5, 40 classes in 3 pieces
     assert None not in outputs.storages
     assert len(set(outputs.storages)) == 1
     if dtype == torch.bfloat16:
