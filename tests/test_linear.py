@@ -19,6 +19,7 @@ from label_relaxation import (
     linear_label_relaxation_loss,
 )
 from label_relaxation._impl import fused_linear as _linear
+from label_relaxation._impl import linear_gradients as _gradients
 from tests.reference import expected_gradient, projected_kl
 
 H, V = 12, 40
@@ -28,7 +29,7 @@ H, V = 12, 40
 def packing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run each test with training rows packed (as on the CPU from H = 64) and not."""
     threshold = 0 if request.param == "packed" else 1 << 30
-    monkeypatch.setattr(_linear, "PACK_MIN_HIDDEN", threshold)
+    monkeypatch.setattr(_gradients, "PACK_MIN_HIDDEN", threshold)
     return str(request.param)
 
 
@@ -158,6 +159,60 @@ def test_rows_inside_the_set_get_exact_zeros_and_are_counted() -> None:
     assert_gradient_close(b.grad, ref_b, 1e-5)  # type: ignore[arg-type]
 
 
+class ForwardRows(TorchDispatchMode):
+    """The rows of each block's forward product (its first piece: the weight's first classes)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = weight
+        self.rows: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        packet = func.overloadpacket
+        if packet in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            left, right = args[:2] if packet is torch.ops.aten.mm else args[1:3]
+            if left.data_ptr() == self.weight.data_ptr() and right.shape[0] == H:
+                self.rows.append(int(right.shape[1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_training_rows_of_several_blocks_are_multiplied_out_together(
+    packing: str, reduction: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A product of a few rows costs nearly what one of many does: with most rows inside the
+    # credal set, the training rows of several blocks wait for one weight-gradient product.
+    monkeypatch.setattr(_gradients, "WEIGHT_PIECES_CPU_CAPABILITIES", ())
+    torch.manual_seed(5)
+    x, w, b, target = make_inputs((96,), inside=0.75)
+    with ForwardRows(w) as forward, CountedProducts() as products:
+        loss = linear_label_relaxation_loss(
+            x, w, target, 0.1, linear_bias=b, chunk_size=16, reduction=reduction
+        )
+        loss.sum().backward()
+    logits = F.linear(x.double(), w.double(), b.double())  # type: ignore[union-attr]
+    training = int((projected_kl(logits, target, 0.1) > 0).sum())
+    assert 6 < training < 48
+    passes = 2 if reduction == "none" else 1  # the forward pass, then the backward pass's
+    assert sum(forward.rows) == passes * 96
+    assert max(forward.rows) <= 16
+    if packing == "packed":
+        # Only training rows, each product but the last more than half a block's worth; the
+        # blocks after a wait are shorter: the waiting rows and the next block share the buffer.
+        assert sum(products.rows) == training
+        assert all(rows > 8 for rows in products.rows[:-1])
+        assert len(products.rows) < training / 8 + 1
+        assert min(forward.rows) < 16
+    else:
+        assert products.rows == [16] * 6
+        assert forward.rows == [16] * (passes * 6)
+    _, ref_x, ref_w, ref_b = reference(x, w, b, target, 0.1, reduction=reduction)
+    assert x.grad is not None and w.grad is not None and b is not None
+    assert_gradient_close(x.grad, ref_x, 1e-5)
+    assert_gradient_close(w.grad, ref_w, 1e-5)
+    assert_gradient_close(b.grad, ref_b, 1e-5)  # type: ignore[arg-type]
+
+
 class CountedProducts(TorchDispatchMode):
     """Counts the weight-gradient products (``addmm_``) and the rows each one takes."""
 
@@ -172,10 +227,14 @@ class CountedProducts(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("on_this_cpu", [True, False])
 def test_weight_gradient_of_a_packed_block_runs_in_pieces(
-    packing: str, reduction: str, monkeypatch: pytest.MonkeyPatch
+    packing: str, reduction: str, on_this_cpu: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_linear, "WEIGHT_PIECES_MIN_HIDDEN", H)
+    # Pieces only on the CPUs where they were measured faster (AVX-512).
+    monkeypatch.setattr(_gradients, "WEIGHT_PIECES_MIN_HIDDEN", H)
+    capability = torch.backends.cpu.get_cpu_capability() if on_this_cpu else "none"
+    monkeypatch.setattr(_gradients, "WEIGHT_PIECES_CPU_CAPABILITIES", (capability,))
     torch.manual_seed(3)
     x, w, b, target = make_inputs((96,), inside=0.3)
     with CountedProducts() as products:
@@ -185,11 +244,13 @@ def test_weight_gradient_of_a_packed_block_runs_in_pieces(
         loss.sum().backward()
     logits = F.linear(x.double(), w.double(), b.double())  # type: ignore[union-attr]
     training = int((projected_kl(logits, target, 0.1) > 0).sum())
-    assert _linear.WEIGHT_PIECE_ROWS < training < _linear.WEIGHT_ONE_PRODUCT_ROWS
-    if packing == "packed":
+    assert _gradients.WEIGHT_PIECE_ROWS < training < _gradients.WEIGHT_ONE_PRODUCT_ROWS
+    if packing == "packed" and not on_this_cpu:
+        assert products.rows == [training]
+    elif packing == "packed":
         # Only the training rows, in equal pieces of at most WEIGHT_PIECE_ROWS rows.
         assert sum(products.rows) == training
-        assert len(products.rows) == -(-training // _linear.WEIGHT_PIECE_ROWS)
+        assert len(products.rows) == -(-training // _gradients.WEIGHT_PIECE_ROWS)
         assert max(products.rows) - min(products.rows) <= 1
     else:
         assert products.rows == [96]

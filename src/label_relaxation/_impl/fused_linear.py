@@ -28,6 +28,7 @@ from torch import Tensor
 
 from label_relaxation._impl.closed_form import AlphaLike
 from label_relaxation._impl.fused import compute_dtype, fused_rows
+from label_relaxation._impl.linear_gradients import Gradients, PendingRows
 
 # CPU: 20 MiB of float32 logits per block, 1.25x the 16 MiB blocks of PyTorch's chunked
 # linear_cross_entropy. The products then have about 160 rows for a 32k vocabulary, where the
@@ -73,24 +74,24 @@ class LinearProblem(NamedTuple):
     vocab_start: int = 0
     group_name: str = ""
 
-    def block_logits(self, rows: slice, buffers: BlockBuffers) -> Tensor:
-        """Logits of ``rows`` in the compute dtype, written into ``buffers``.
+    def block_logits(self, rows: slice, buffers: BlockBuffers, offset: int) -> Tensor:
+        """Logits of ``rows`` in the compute dtype, written into ``buffers`` from row ``offset``.
 
         Half-precision products are computed in their dtype, as ``F.linear`` does, then copied
         to float32.
         """
         block_input = self.input[rows]
-        count = block_input.shape[0]
+        place = slice(offset, offset + block_input.shape[0])
         if buffers.piece is not None:
-            logits = buffers.product if buffers.compute is None else buffers.compute
-            self._logits_by_class_pieces(block_input, logits[:count], buffers.piece)
-            return logits[:count]
-        product = buffers.product[:count]
+            logits = buffers.logits[place]
+            self._logits_by_class_pieces(block_input, logits, buffers.piece)
+            return logits
+        product = buffers.product[place]
         if self.bias is None:
             torch.mm(block_input, self.weight.t(), out=product)
         else:
             torch.addmm(self.bias, block_input, self.weight.t(), out=product)
-        return product if buffers.compute is None else buffers.compute[:count].copy_(product)
+        return product if buffers.compute is None else buffers.compute[place].copy_(product)
 
     def _logits_by_class_pieces(self, block_input: Tensor, logits: Tensor, piece: Tensor) -> None:
         """``logits = block_input·Wᵀ + b`` as ``(W·block_inputᵀ)ᵀ``, a piece of classes at a time.
@@ -115,199 +116,46 @@ class LinearProblem(NamedTuple):
         return self.alpha[rows] if isinstance(self.alpha, Tensor) else self.alpha
 
 
-class Gradients(NamedTuple):
-    """Accumulators of the three gradients; ``None`` where no gradient is wanted.
-
-    ``input`` has the input's dtype (one product per block, never accumulated); ``weight`` and
-    ``bias`` accumulate over blocks in the compute dtype (float32 for half precision).
-    """
-
-    input: Tensor | None
-    weight: Tensor | None
-    bias: Tensor | None
-
-    @staticmethod
-    def allocate(problem: LinearProblem, wanted: tuple[bool, bool, bool]) -> Gradients:
-        """Zeroed accumulators for the wanted gradients of ``problem``."""
-        dtype = compute_dtype(problem.weight.dtype)
-        bias = problem.bias
-        return Gradients(
-            torch.zeros_like(problem.input) if wanted[0] else None,
-            torch.zeros_like(problem.weight, dtype=dtype) if wanted[1] else None,
-            torch.zeros_like(bias, dtype=dtype) if wanted[2] and bias is not None else None,
-        )
-
-    def finished(self, problem: LinearProblem) -> Gradients:
-        """The gradients in the dtypes of their tensors."""
-        weight, bias = self.weight, self.bias
-        if weight is not None:
-            weight = weight.to(problem.weight.dtype)
-        if bias is not None and problem.bias is not None:
-            bias = bias.to(problem.bias.dtype)
-        return Gradients(self.input, weight, bias)
-
-
-# Rows are packed in this many pieces per block: each piece's copy goes through a temporary of
-# its size, so packing adds at most 1/8 of a block to the peak memory in a handful of calls.
-PACK_PIECES = 8
-# Packing is not measured below this many features, where a row's share of the products is
-# smallest; those rows stay in place. Measured (half the rows inside, time / all outside,
-# packed against not): 0.89-0.94x against 0.92-1.05x at (512, 64, 2000); 0.85-0.86x against
-# 0.94-1.0x at (2048, 256, 32000).
-PACK_MIN_HIDDEN = 64
-# Where rows are packed (the CPU), a weight-gradient product of fewer rows than
-# WEIGHT_ONE_PRODUCT_ROWS runs in pieces of at most WEIGHT_PIECE_ROWS rows. This CPU's float32
-# GEMM into a (32000, 1024) accumulator took 9-11 ms for up to 47 rows, but 22 ms for 48 and
-# 30 ms for 82 as one product, against 17.5 ms for 64 rows and 23.4 ms for 82 in pieces of at
-# most 40; from about 140 rows one product is faster. Only from WEIGHT_PIECES_MIN_HIDDEN
-# features: at H = 256 the pieces made (2048, 256, 32000) slower (50% of the rows inside:
-# 354-369 against 329-333 ms as one product), at H = 512, 1024 and 2048 faster.
-WEIGHT_PIECE_ROWS = 40
-WEIGHT_ONE_PRODUCT_ROWS = 128
-WEIGHT_PIECES_MIN_HIDDEN = 512
-
-
-def _pack_training_rows(block_grad: Tensor, trains: Tensor) -> Tensor | None:
-    """Move the training rows of ``block_grad`` to its front, in place; return their indices.
-
-    ``None`` when every row trains (nothing to pack). The indices ascend, so the rows of a
-    piece only come from positions at or after the piece's own, which no earlier piece has
-    overwritten.
-    """
-    index = trains.nonzero().squeeze(-1)
-    count = index.numel()
-    if count == trains.numel():
-        return None
-    piece = max(1, -(-count // PACK_PIECES))
-    for start in range(0, count, piece):
-        stop = min(start + piece, count)
-        block_grad[start:stop] = block_grad[index[start:stop]]
-    return index
-
-
-def _accumulate(
-    grads: Gradients,
-    block_grad: Tensor,
-    block_input: Tensor,
-    weight: Tensor,
-    trains: Tensor,
-    start: int,
-    skip_rows: bool,
-    product_buffer: Tensor,
-) -> None:
-    """Add one block's share to the gradients; ``block_grad`` may be overwritten.
-
-    ``product_buffer`` is the call's ``BlockBuffers.product``, free once the block's logits
-    are in ``block_grad``: half-precision gradients take it for the input gradient's product.
-    """
-    rows = slice(start, start + block_grad.shape[0])
-    index = _pack_training_rows(block_grad, trains) if skip_rows else None
-    if index is not None:
-        block_grad = block_grad[: index.numel()]
-        block_input = block_input.index_select(0, index)
-    if block_grad.shape[0] == 0:
-        return  # the input gradient of these rows stays zero
-    if grads.input is not None:
-        product_grad = block_grad
-        if block_grad.dtype != weight.dtype:
-            product_grad = product_buffer[: block_grad.shape[0]].copy_(block_grad)
-        if index is None:
-            torch.mm(product_grad, weight, out=grads.input[rows])
-        else:
-            grads.input[rows].index_copy_(0, index, product_grad @ weight)
-    if grads.weight is not None:
-        # Half precision: the accumulator and this product are float32, as no half-precision
-        # product accumulates across blocks.
-        in_pieces = skip_rows and block_input.shape[1] >= WEIGHT_PIECES_MIN_HIDDEN
-        _add_weight_product(grads.weight, block_grad, block_input.to(grads.weight.dtype), in_pieces)
-    if grads.bias is not None:
-        grads.bias.add_(block_grad.sum(0))
-
-
-def _add_weight_product(
-    accumulator: Tensor, block_grad: Tensor, block_input: Tensor, in_pieces: bool
-) -> None:
-    """``accumulator += block_gradᵀ·block_input``, in pieces where that is faster (see above)."""
-    rows = block_grad.shape[0]
-    pieces = 1
-    if in_pieces and rows < WEIGHT_ONE_PRODUCT_ROWS:
-        pieces = -(-rows // WEIGHT_PIECE_ROWS)
-    step = -(-rows // pieces)
-    for first in range(0, rows, step):
-        piece = slice(first, first + step)
-        accumulator.addmm_(block_grad[piece].t(), block_input[piece])
-
-
-def accumulate_gradients(
-    grads: Gradients,
-    block_grad: Tensor,
-    problem: LinearProblem,
-    trains: Tensor,
-    start: int,
-    buffers: BlockBuffers,
-) -> None:
-    """Add one block's gradient ``block_grad`` (rows from ``start``) to ``grads``.
-
-    Training rows are packed on the CPU only (elsewhere finding them would wait for the device)
-    and only where the products are wide enough to pay for moving the rows.
-    """
-    block_input = problem.input[start : start + block_grad.shape[0]]
-    skip_rows = block_grad.device.type == "cpu" and block_input.shape[1] >= PACK_MIN_HIDDEN
-    _accumulate(
-        grads, block_grad, block_input, problem.weight, trains, start, skip_rows, buffers.product
-    )
-
-
 def _block(
     problem: LinearProblem,
     rows: slice,
     row_weight: Tensor,
-    grads: Gradients | None,
+    pending: PendingRows | None,
     buffers: BlockBuffers,
 ) -> tuple[Tensor, Tensor]:
-    """Loss rows of one block and its training rows; accumulate the block's gradient."""
-    if problem.group_name:
-        return _sharded_block(problem, rows, row_weight, grads, buffers)
-    logits = problem.block_logits(rows, buffers)
+    """Loss rows of one block and its training rows; hand the block's gradient to ``pending``."""
+    offset = 0 if pending is None else pending.waiting
+    logits = problem.block_logits(rows, buffers, offset)
     target, alpha = problem.target[rows], problem.block_alpha(rows)
-    if grads is None:
+    if problem.group_name:
+        loss, trains = _sharded_block(problem, logits, target, alpha, row_weight)
+    elif pending is None:
         loss = fused_rows(logits, target, alpha, row_weight, None)
         return loss, loss != 0
-    trains = torch.empty(logits.shape[0], dtype=torch.bool, device=logits.device)
-    # The gradient overwrites the block's logits, so a block needs one buffer, not two.
-    loss = fused_rows(logits, target, alpha, row_weight, logits, trains)
-    accumulate_gradients(grads, logits, problem, trains, rows.start, buffers)
+    else:
+        trains = torch.empty(logits.shape[0], dtype=torch.bool, device=logits.device)
+        # The gradient overwrites the block's logits, so a block needs one buffer, not two.
+        loss = fused_rows(logits, target, alpha, row_weight, logits, trains)
+    if pending is not None:
+        pending.add(logits, trains, rows.start)
     return loss, trains
 
 
 def _sharded_block(
-    problem: LinearProblem,
-    rows: slice,
-    row_weight: Tensor,
-    grads: Gradients | None,
-    buffers: BlockBuffers,
+    problem: LinearProblem, logits: Tensor, target: Tensor, alpha: AlphaLike, row_weight: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """:func:`_block` for a weight split along the classes: row statistics all-reduced."""
+    """Loss and training rows of a block of a weight split along the classes, in place."""
     # Imported here: torch.distributed is not needed (nor always built) elsewhere.
     from label_relaxation._impl.vocab_parallel import eager_vocab_parallel
 
-    logits = problem.block_logits(rows, buffers)
-    local_target = problem.target[rows] - problem.vocab_start
+    local_target = target - problem.vocab_start
     held = (local_target >= 0) & (local_target < logits.shape[-1])
     local_target = torch.where(held, local_target, -1)
-    # The gradient overwrites the block's logits, as in the single-process kernel.
+    # The row statistics are all-reduced; the gradient overwrites the block's logits.
     coefficients = eager_vocab_parallel(
-        logits,
-        local_target,
-        held,
-        problem.block_alpha(rows),
-        row_weight,
-        problem.group_name,
-        logits,
+        logits, local_target, held, alpha, row_weight, problem.group_name, logits
     )
     trains = (coefficients.off_target != 0) | (coefficients.on_target != 0)
-    if grads is not None:
-        accumulate_gradients(grads, logits, problem, trains, rows.start, buffers)
     return coefficients.loss, trains
 
 
@@ -322,6 +170,11 @@ class BlockBuffers(NamedTuple):
     product: Tensor  # (R, V) in the input's dtype
     compute: Tensor | None  # (R, V) float32 copy of half-precision products, else None
     piece: Tensor | None  # (P, R) in the input's dtype: the CPU's product pieces, else None
+
+    @property
+    def logits(self) -> Tensor:
+        """The buffer that holds the logits, then the gradient, in the compute dtype."""
+        return self.product if self.compute is None else self.compute
 
     @staticmethod
     def allocate(problem: LinearProblem, rows: int) -> BlockBuffers:
@@ -354,11 +207,21 @@ def run_blocks(
     row_weight = problem.row_weight if row_scale is None else problem.row_weight * row_scale
     losses, trains = [row_weight.new_zeros(0)], [row_weight.new_zeros(0, dtype=torch.bool)]
     buffers = BlockBuffers.allocate(problem, min(block_rows, rows_total))
-    for start in range(0, rows_total, block_rows):
-        rows = slice(start, min(start + block_rows, rows_total))
-        block_loss, block_trains = _block(problem, rows, row_weight[rows], grads, buffers)
+    pending = None
+    if grads is not None:
+        # Sharded weights: every rank must cut the same blocks (their row statistics are
+        # all-reduced), so no rows wait for the next block's.
+        pending = PendingRows(grads, problem, buffers, wait=not problem.group_name)
+    start = 0
+    while start < rows_total:
+        free = buffers.product.shape[0] - (0 if pending is None else pending.waiting)
+        rows = slice(start, min(start + free, rows_total))
+        block_loss, block_trains = _block(problem, rows, row_weight[rows], pending, buffers)
         losses.append(block_loss)
         trains.append(block_trains)
+        start = rows.stop
+    if pending is not None:
+        pending.flush()
     if problem.group_name and grads is not None and grads.input is not None:
         import torch.distributed._functional_collectives as funcol
 
