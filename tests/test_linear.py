@@ -33,10 +33,17 @@ def packing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return str(request.param)
 
 
+def products_by_class_pieces(monkeypatch: pytest.MonkeyPatch, pieces: bool) -> None:
+    """Forward products as ``(W·xᵀ)ᵀ`` in pieces of classes on this CPU, or as ``x·Wᵀ``."""
+    capability = torch.backends.cpu.get_cpu_capability() if pieces else "none"
+    monkeypatch.setattr(_linear, "CLASS_PIECES_CPU_CAPABILITIES", (capability,))
+
+
 @pytest.fixture(autouse=True)
 def class_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
-    """CPU products in pieces of 16 classes: the 40 classes make two whole pieces and a part."""
+    """Pieces of 16 classes, whatever this CPU: the 40 classes make two whole pieces and a part."""
     monkeypatch.setattr(_linear, "CPU_PIECE_CLASSES", 16)
+    products_by_class_pieces(monkeypatch, True)
 
 
 def reference(
@@ -287,12 +294,17 @@ class ProductOutputs(TorchDispatchMode):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_every_block_of_logits_reuses_one_buffer(bias: bool, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("pieces", [True, False])
+def test_every_block_of_logits_reuses_one_buffer(
+    bias: bool, dtype: torch.dtype, pieces: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Fresh memory for every block costs its page faults each time (docs/language-models.md).
+    products_by_class_pieces(monkeypatch, pieces)
     x, w, b, target = make_inputs((23,), bias=bias, dtype=dtype)
     with ProductOutputs(H) as outputs:
         loss = linear_label_relaxation_loss(x, w, target, 0.1, linear_bias=b, chunk_size=5)
-    assert len(outputs.storages) == 5 * 3  # 23 rows in blocks of 5, 40 classes in 3 pieces
+    # 23 rows in blocks of 5, the 40 classes in 3 pieces or at once
+    assert len(outputs.storages) == 5 * (3 if pieces else 1)
     assert None not in outputs.storages
     assert len(set(outputs.storages)) == 1
     if dtype == torch.bfloat16:

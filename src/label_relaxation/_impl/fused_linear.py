@@ -28,7 +28,7 @@ from torch import Tensor
 
 from label_relaxation._impl.closed_form import AlphaLike
 from label_relaxation._impl.fused import compute_dtype, fused_rows
-from label_relaxation._impl.linear_gradients import Gradients, PendingRows
+from label_relaxation._impl.linear_gradients import Gradients, PendingRows, cpu_capability
 
 # CPU: 20 MiB of float32 logits per block, 1.25x the 16 MiB blocks of PyTorch's chunked
 # linear_cross_entropy. The products then have about 160 rows for a 32k vocabulary, where the
@@ -41,13 +41,16 @@ CPU_BLOCK_ELEMENTS = 5 << 20
 # 5·2^20 logits are 40 rows: PyTorch's chunked loss, with 32-row blocks there, took 1.56-1.65x
 # the unfused time; the fused loss with 128-row blocks 0.99-1.08x (docs/language-models.md).
 CPU_MIN_BLOCK_ROWS = 128
-# On the CPU a block's logits are computed as (W·xᵀ)ᵀ, this many classes at a time (a piece of
-# P x R floats, 640 KiB for 160 rows, stays in the L2 cache while it is copied out transposed).
-# MKL's product x·Wᵀ with a few hundred rows repacks the transposed weight on every call: at
-# (4000, 1024, 32000) in 160-row blocks the forward products took 4.2-4.7 s that way against
+# On AVX2 CPUs a block's logits are computed as (W·xᵀ)ᵀ, this many classes at a time (a piece
+# of P x R floats, 640 KiB for 160 rows, stays in the L2 cache while it is copied out
+# transposed). On a 2-core AMD EPYC (AVX2) MKL's product x·Wᵀ of a few hundred rows was slow:
+# at (4000, 1024, 32000) in 160-row blocks the forward products took 4.2-4.7 s that way against
 # 2.8-3.0 s in 1024-class pieces (one 4000-row product: 2.6-3.3 s; pieces of 4096 and 8000
-# classes 3.3-3.4 s; bfloat16 16.0 against 17.5 s, the conversion to float32 included).
+# classes 3.3-3.4 s; bfloat16 16.0 against 17.5 s, the conversion to float32 included); the
+# whole fused loss took 0.85x and, at (2048, 1024, 128256), 0.73x the time. The AVX-512 Xeon
+# where this module's other CPU figures were measured keeps x·Wᵀ, measured there.
 CPU_PIECE_CLASSES = 1024
+CLASS_PIECES_CPU_CAPABILITIES = ("AVX2",)
 # Other devices (not measured: no GPU was available): 256 MiB of float32 per block, so that
 # each product is large and the launches of the per-block operations are few.
 DEVICE_BLOCK_ELEMENTS = 1 << 26
@@ -184,7 +187,7 @@ class BlockBuffers(NamedTuple):
         dtype = compute_dtype(weight.dtype)
         compute = None if dtype == weight.dtype else product.new_empty(product.shape, dtype=dtype)
         piece = None
-        if weight.is_cpu:
+        if weight.is_cpu and cpu_capability() in CLASS_PIECES_CPU_CAPABILITIES:
             piece = weight.new_empty(min(CPU_PIECE_CLASSES, weight.shape[0]), rows)
         return BlockBuffers(product, compute, piece)
 

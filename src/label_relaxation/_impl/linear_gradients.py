@@ -77,6 +77,15 @@ WEIGHT_PIECES_MIN_HIDDEN = 512
 WEIGHT_PIECES_CPU_CAPABILITIES = ("AVX512",)
 
 
+def cpu_capability() -> str:
+    """The CPU's vector instructions as ATen uses them (``"AVX512"``, ``"AVX2"``, ...).
+
+    Where the fastest way to run the products differs between the CPUs measured, the choice
+    goes by this.
+    """
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def _pack_training_rows(block_grad: Tensor, trains: Tensor) -> Tensor | None:
     """Move the training rows of ``block_grad`` to its front, in place; return their indices.
 
@@ -131,12 +140,18 @@ class PendingRows:
         # Training rows are found on the CPU only (elsewhere that would wait for the device),
         # and only where the products are wide enough to pay for moving the rows.
         self.pack = self.buffer.is_cpu and problem.input.shape[1] >= PACK_MIN_HIDDEN
-        self.wait = wait and self.pack
         self.weight_in_pieces = (
             self.pack
             and problem.input.shape[1] >= WEIGHT_PIECES_MIN_HIDDEN
-            and torch.backends.cpu.get_cpu_capability() in WEIGHT_PIECES_CPU_CAPABILITIES
+            and cpu_capability() in WEIGHT_PIECES_CPU_CAPABILITIES
         )
+        # Rows wait where the weight gradient runs as one product. With the pieces, on the
+        # AVX-512 Xeon, waiting was slower (half the rows inside: 0.76-0.78x of the all-outside
+        # time against 0.68-0.73x block by block; the gathered products had 110-130 rows, the
+        # slowest per row there); without them it was faster there (0.69-0.76x against
+        # 0.79-0.82x). On the AVX2 EPYC, at (4096, 1024, 32000): waiting, one product, 0.71x;
+        # block by block in pieces 0.83x.
+        self.wait = wait and self.pack and not self.weight_in_pieces
         self.waiting = 0
         self._blocks: list[_Waiting] = []
 
