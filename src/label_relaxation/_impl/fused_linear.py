@@ -1,11 +1,10 @@
 """Output layer and loss fused: the logits exist one block of rows at a time.
 
 For each block of rows the forward pass computes the block's logits ``x·Wᵀ + b``, the block's
-loss rows and its gradient ``w·(p - q)`` (in place, in the block's logits buffer), and adds the
-block's share to the three gradients: ``∂x = G·W``, ``∂W += Gᵀ·x``, ``∂b += Σ G``. The backward
-pass only scales those by the incoming gradient. A row inside the credal set (or ignored) has an
-exactly zero gradient row, so its share of the two gradient products is skipped: the block's
-training rows are packed to the front and only they enter the matrix products.
+loss rows and its gradient ``w·(p - q)`` (in place, in the block's logits buffer), and hands the
+gradient to :mod:`label_relaxation._impl.linear_gradients`, which adds it to the three gradients
+(``∂x = G·W``, ``∂W += Gᵀ·x``, ``∂b += Σ G``) without the rows inside the credal set, whose
+gradient is exactly zero. The backward pass only scales those by the incoming gradient.
 
 ``reduction="none"`` cannot finish the gradients in the forward pass (each row's incoming
 gradient must scale it before it enters ``∂W``), so its forward pass keeps only the loss rows
@@ -33,8 +32,9 @@ from label_relaxation._impl.linear_gradients import Gradients, PendingRows, cpu_
 # CPU: 20 MiB of float32 logits per block, 1.25x the 16 MiB blocks of PyTorch's chunked
 # linear_cross_entropy. The products then have about 160 rows for a 32k vocabulary, where the
 # CPU's GEMM reaches most of its speed. At (4096, 1024, 32000), against 16 MiB blocks (131 rows),
-# both with the weight-gradient pieces below (alternating processes, medians of 3, three
-# rounds): 0.95-0.98x the time with every row outside and with 75% inside, 0.97-1.02x at 50%.
+# both with the weight-gradient pieces of linear_gradients (AVX-512 Xeon, alternating processes,
+# medians of 3, three rounds): 0.95-0.98x the time with every row outside and with 75% inside,
+# 0.97-1.02x at 50%.
 CPU_BLOCK_ELEMENTS = 5 << 20
 # ... but never fewer rows than this: each product of a block reads the whole (V, H) weight or
 # its gradient, so blocks of a few rows make that reading the cost. At (2048, 1024, 128256)
