@@ -166,21 +166,33 @@ def test_rows_inside_the_set_get_exact_zeros_and_are_counted() -> None:
     assert_gradient_close(b.grad, ref_b, 1e-5)  # type: ignore[arg-type]
 
 
-class ForwardRows(TorchDispatchMode):
-    """The rows of each block's forward product (its first piece: the weight's first classes)."""
+class ProductOutputs(TorchDispatchMode):
+    """Records each forward product (a ``mm``/``addmm`` over the H features): where it wrote and
+    its rows of logits.
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    ``None`` stands for a product into fresh memory (no ``out=``). The gradient products
+    contract over the classes or the rows, not the features. A product in pieces of classes,
+    ``W_piece·xᵀ``, has the block's rows as its columns, ``x·Wᵀ`` all ``classes`` as its columns.
+    """
+
+    def __init__(self, features: int, classes: int) -> None:
         super().__init__()
-        self.weight = weight
+        self.features, self.classes = features, classes
+        self.storages: list[int | None] = []
         self.rows: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        result = func(*args, **(kwargs or {}))
         packet = func.overloadpacket
         if packet in (torch.ops.aten.mm, torch.ops.aten.addmm):
-            left, right = args[:2] if packet is torch.ops.aten.mm else args[1:3]
-            if left.data_ptr() == self.weight.data_ptr() and right.shape[0] == H:
-                self.rows.append(int(right.shape[1]))
-        return func(*args, **(kwargs or {}))
+            left = args[0] if packet is torch.ops.aten.mm else args[1]
+            if left.shape[-1] == self.features:
+                into_buffer = func in (torch.ops.aten.mm.out, torch.ops.aten.addmm.out)
+                storage = result.untyped_storage().data_ptr()
+                self.storages.append(storage if into_buffer else None)
+                whole = result.shape[-1] == self.classes
+                self.rows.append(int(result.shape[0] if whole else result.shape[1]))
+        return result
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -192,7 +204,7 @@ def test_training_rows_of_several_blocks_are_multiplied_out_together(
     monkeypatch.setattr(_gradients, "WEIGHT_PIECES_CPU_CAPABILITIES", ())
     torch.manual_seed(5)
     x, w, b, target = make_inputs((96,), inside=0.75)
-    with ForwardRows(w) as forward, CountedProducts() as products:
+    with ProductOutputs(H, V) as forward, CountedProducts() as products:
         loss = linear_label_relaxation_loss(
             x, w, target, 0.1, linear_bias=b, chunk_size=16, reduction=reduction
         )
@@ -201,18 +213,20 @@ def test_training_rows_of_several_blocks_are_multiplied_out_together(
     training = int((projected_kl(logits, target, 0.1) > 0).sum())
     assert 6 < training < 48
     passes = 2 if reduction == "none" else 1  # the forward pass, then the backward pass's
-    assert sum(forward.rows) == passes * 96
-    assert max(forward.rows) <= 16
+    block_rows = forward.rows[::3]  # the 40 classes in 3 pieces per block
+    assert forward.rows == [rows for rows in block_rows for _ in range(3)]
+    assert sum(block_rows) == passes * 96
+    assert max(block_rows) <= 16
     if packing == "packed":
         # Only training rows, each product but the last more than half a block's worth; the
         # blocks after a wait are shorter: the waiting rows and the next block share the buffer.
         assert sum(products.rows) == training
         assert all(rows > 8 for rows in products.rows[:-1])
         assert len(products.rows) < training / 8 + 1
-        assert min(forward.rows) < 16
+        assert min(block_rows) < 16
     else:
         assert products.rows == [16] * 6
-        assert forward.rows == [16] * (passes * 6)
+        assert block_rows == [16] * (passes * 6)
     _, ref_x, ref_w, ref_b = reference(x, w, b, target, 0.1, reduction=reduction)
     assert x.grad is not None and w.grad is not None and b is not None
     assert_gradient_close(x.grad, ref_x, 1e-5)
@@ -268,30 +282,6 @@ def test_weight_gradient_of_a_packed_block_runs_in_pieces(
     assert_gradient_close(b.grad, ref_b, 1e-5)  # type: ignore[arg-type]
 
 
-class ProductOutputs(TorchDispatchMode):
-    """Records, for each forward product (a ``mm``/``addmm`` over the H features), where it wrote.
-
-    ``None`` stands for a product into fresh memory (no ``out=``). The gradient products
-    contract over the classes or the rows, not the features.
-    """
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.features = features
-        self.storages: list[int | None] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        result = func(*args, **(kwargs or {}))
-        packet = func.overloadpacket
-        if packet in (torch.ops.aten.mm, torch.ops.aten.addmm):
-            left = args[0] if packet is torch.ops.aten.mm else args[1]
-            if left.shape[-1] == self.features:
-                into_buffer = func in (torch.ops.aten.mm.out, torch.ops.aten.addmm.out)
-                storage = result.untyped_storage().data_ptr()
-                self.storages.append(storage if into_buffer else None)
-        return result
-
-
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("pieces", [True, False])
@@ -301,10 +291,11 @@ def test_every_block_of_logits_reuses_one_buffer(
     # Fresh memory for every block costs its page faults each time (docs/language-models.md).
     products_by_class_pieces(monkeypatch, pieces)
     x, w, b, target = make_inputs((23,), bias=bias, dtype=dtype)
-    with ProductOutputs(H) as outputs:
+    with ProductOutputs(H, V) as outputs:
         loss = linear_label_relaxation_loss(x, w, target, 0.1, linear_bias=b, chunk_size=5)
     # 23 rows in blocks of 5, the 40 classes in 3 pieces or at once
     assert len(outputs.storages) == 5 * (3 if pieces else 1)
+    assert outputs.rows[:: 3 if pieces else 1] == [5, 5, 5, 5, 3]
     assert None not in outputs.storages
     assert len(set(outputs.storages)) == 1
     if dtype == torch.bfloat16:

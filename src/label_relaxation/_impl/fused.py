@@ -190,7 +190,7 @@ def _by_softmax(logits: Tensor, grad_out: Tensor | None) -> bool:
     122-123 against 136-138 ms per forward+backward at 4096x32000 here (18.0-18.3 against
     20.0-20.2 ms at 16384x1000; two processes each, medians of 7). In place the logits are gone
     before a saturated row could be recomputed from them. Forward passes without a gradient
-    decide by :func:`_forward_by_softmax`.
+    decide by ``FORWARD_SOFTMAX_MIN_CLASSES``.
     """
     if grad_out is None or not _softmax_serves(logits, SOFTMAX_MIN_CLASSES):
         return False
@@ -284,11 +284,6 @@ def _exponent_masses(logits: Tensor, target: Tensor, work: Tensor, stats: _RowSt
 FORWARD_SOFTMAX_MIN_CLASSES = 64
 
 
-def _forward_by_softmax(logits: Tensor) -> bool:
-    """Whether a forward pass without a gradient takes the softmax route (see above)."""
-    return _softmax_serves(logits, FORWARD_SOFTMAX_MIN_CLASSES)
-
-
 def forward_statistics(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """``(rest, log p'_y)`` of ``logits`` ``(N, C)`` without a gradient, ``(N, 1)`` each.
 
@@ -305,7 +300,7 @@ def forward_statistics(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 def _forward_statistics(logits: Tensor, target: Tensor, stats: _RowStatistics) -> None:
     """Fill ``stats`` for a forward pass without a gradient: no masses are kept."""
-    if _forward_by_softmax(logits):
+    if _softmax_serves(logits, FORWARD_SOFTMAX_MIN_CLASSES):
         _forward_by_softmax_statistics(logits, target, stats)
     else:
         _forward_by_exponent_statistics(logits, target, stats)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from label_relaxation._impl.closed_form import AlphaLike
 from label_relaxation._impl.fused import compute_dtype, fused_rows
-from label_relaxation._impl.linear_gradients import Gradients, PendingRows, cpu_capability
+from label_relaxation._impl.linear_gradients import Gradients, PendingRows
 
 # CPU: 20 MiB of float32 logits per block, 1.25x the 16 MiB blocks of PyTorch's chunked
 # linear_cross_entropy. The products then have about 160 rows for a 32k vocabulary, where the
@@ -187,7 +187,8 @@ class BlockBuffers(NamedTuple):
         dtype = compute_dtype(weight.dtype)
         compute = None if dtype == weight.dtype else product.new_empty(product.shape, dtype=dtype)
         piece = None
-        if weight.is_cpu and cpu_capability() in CLASS_PIECES_CPU_CAPABILITIES:
+        capability = torch.backends.cpu.get_cpu_capability()
+        if weight.is_cpu and capability in CLASS_PIECES_CPU_CAPABILITIES:
             piece = weight.new_empty(min(CPU_PIECE_CLASSES, weight.shape[0]), rows)
         return BlockBuffers(product, compute, piece)
 

@@ -77,15 +77,6 @@ WEIGHT_PIECES_MIN_HIDDEN = 512
 WEIGHT_PIECES_CPU_CAPABILITIES = ("AVX512",)
 
 
-def cpu_capability() -> str:
-    """The CPU's vector instructions as ATen uses them (``"AVX512"``, ``"AVX2"``, ...).
-
-    Where the fastest way to run the products differs between the CPUs measured, the choice
-    goes by this.
-    """
-    return torch.backends.cpu.get_cpu_capability()
-
-
 def _pack_training_rows(block_grad: Tensor, trains: Tensor) -> Tensor | None:
     """Move the training rows of ``block_grad`` to its front, in place; return their indices.
 
@@ -143,7 +134,7 @@ class PendingRows:
         self.weight_in_pieces = (
             self.pack
             and problem.input.shape[1] >= WEIGHT_PIECES_MIN_HIDDEN
-            and cpu_capability() in WEIGHT_PIECES_CPU_CAPABILITIES
+            and torch.backends.cpu.get_cpu_capability() in WEIGHT_PIECES_CPU_CAPABILITIES
         )
         # Rows wait where the weight gradient runs as one product. With the pieces, on the
         # AVX-512 Xeon, waiting was slower (half the rows inside: 0.76-0.78x of the all-outside
@@ -152,15 +143,18 @@ class PendingRows:
         # 0.79-0.82x). On the AVX2 EPYC, at (4096, 1024, 32000): waiting, one product, 0.71x;
         # block by block in pieces 0.83x.
         self.wait = wait and self.pack and not self.weight_in_pieces
-        self.waiting = 0
         self._blocks: list[_Waiting] = []
+
+    @property
+    def waiting(self) -> int:
+        """How many rows wait at the front of the buffer."""
+        return sum(block.size for block in self._blocks)
 
     def add(self, block_grad: Tensor, trains: Tensor, start: int) -> None:
         """Take the gradient of the block starting at row ``start``, ``logits[waiting:]``."""
         index = _pack_training_rows(block_grad, trains) if self.pack else None
         count = block_grad.shape[0] if index is None else index.numel()
         self._blocks.append(_Waiting(start, count, index))
-        self.waiting += count
         # Half the buffer stays for the next block, so that its logits' product has rows
         # enough to be efficient.
         if not self.wait or 2 * self.waiting > self.buffer.shape[0]:
@@ -169,7 +163,7 @@ class PendingRows:
     def flush(self) -> None:
         """Multiply the waiting rows' gradients out into the accumulators."""
         count, blocks = self.waiting, self._blocks
-        self.waiting, self._blocks = 0, []
+        self._blocks = []
         if count == 0:
             return  # the input gradient of these rows stays zero
         grad = self.buffer[:count]
