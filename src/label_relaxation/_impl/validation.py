@@ -62,12 +62,21 @@ def check_logits(logits: object) -> int:
 
 def check_alpha_float(alpha: float) -> None:
     """Raise ``ValueError`` unless the Python number ``alpha`` lies in the open interval (0, 1)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    # A SymFloat is a float that torch.compile traces as a graph input (an alpha schedule).
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, torch.SymFloat)):
         raise TypeError(f"alpha must be a float or a floating tensor, got {type(alpha).__name__}")
     # Comparisons are False for NaN; no math.isnan, which a dynamic float under
     # torch.compile (a changing alpha) cannot trace.
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in the open interval (0, 1), got {alpha!r}")
+
+
+def check_alpha(alpha: float | Tensor, batch_shape: torch.Size) -> None:
+    """Check a float ``alpha``'s value, or a tensor ``alpha``'s dtype and shape."""
+    if isinstance(alpha, Tensor):
+        check_alpha_tensor(alpha, batch_shape)
+    else:
+        check_alpha_float(alpha)
 
 
 def check_alpha_tensor(alpha: Tensor, batch_shape: torch.Size, name: str = "alpha") -> None:
