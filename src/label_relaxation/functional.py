@@ -19,7 +19,6 @@ from label_relaxation._impl.reference import reference_rows
 from label_relaxation._impl.validation import Reduction
 
 Implementation: TypeAlias = Literal["auto", "fused", "reference"]
-_IMPLEMENTATIONS = ("auto", "fused", "reference")
 
 
 class _Rows(NamedTuple):
@@ -187,10 +186,11 @@ def _is_dual(tensor: Tensor) -> bool:
 
 def check_implementation(implementation: str) -> None:
     """Raise ``ValueError`` for an unknown ``implementation``."""
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}"
-        )
+    # A literal, not a module-level tuple: under torch.compile each global read is guarded on
+    # every call of the compiled code.
+    choices = ("auto", "fused", "reference")
+    if implementation not in choices:
+        raise ValueError(f"implementation must be one of {choices}, got {implementation!r}")
 
 
 def is_transformed(logits: Tensor) -> bool:
@@ -234,12 +234,12 @@ def _compiled_loss(
 
     Dynamo guards every function and module attribute it steps through and checks those guards
     on every call of the compiled code: 165 guards at 64x10 when it stepped through this body,
-    113 now, and a compiled 64x10 forward took 81-85 against 110-116 µs (2-core AMD EPYC, torch
-    2.15, docs/performance.md). Dynamo still guards the Python values passed in (``alpha`` as a
-    constant float, ``ignore_index``, ``reduction``). The arguments were checked on their
-    metadata by the caller, since an exception raised in here surfaces as Dynamo's own
-    ``Unsupported``; bad values raise through the graph's check
-    (:mod:`label_relaxation._impl.graph_checks`).
+    106 now, and a compiled 64x10 forward took 119-146 against 142-157 µs (2-core AMD EPYC,
+    torch 2.15, docs/performance.md). Dynamo still guards the Python values passed in
+    (``alpha`` as a constant float, ``ignore_index``, ``reduction``). The arguments were
+    checked on their metadata by the caller, where Dynamo traces the raise itself (an exception
+    raised in here can surface as Dynamo's ``Unsupported``); bad values raise through the
+    graph's check (:mod:`label_relaxation._impl.graph_checks`).
     """
     rows = _prepare(logits, target, alpha, weight, ignore_index, reduction, validate)
     loss_rows = compiled_rows(rows.logits, rows.target, rows.alpha, rows.row_weight)

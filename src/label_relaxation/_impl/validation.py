@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 Reduction: TypeAlias = Literal["none", "mean", "sum"]
-_REDUCTIONS = ("none", "mean", "sum")
 
 
 def functorch_active() -> bool:
@@ -34,8 +33,11 @@ def value_checks_allowed() -> bool:
 
 def check_reduction(reduction: str) -> None:
     """Raise ``ValueError`` unless ``reduction`` is one of ``none``, ``mean``, ``sum``."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    # A literal, not a module-level tuple: under torch.compile each global read is guarded on
+    # every call of the compiled code.
+    choices = ("none", "mean", "sum")
+    if reduction not in choices:
+        raise ValueError(f"reduction must be one of {choices}, got {reduction!r}")
 
 
 def check_logits(logits: object) -> int:
