@@ -113,18 +113,16 @@ def prepare_targets(
     """
     eager_checks = validate and check.value_checks_allowed()
     alpha_input = alpha
+    check.check_alpha(alpha, batch_shape)
     if isinstance(alpha, Tensor):
-        check.check_alpha_tensor(alpha, batch_shape)
         if eager_checks:
             check.check_alpha_values(alpha)
             if alpha.dim() == 0 and alpha.device.type == "cpu" and not alpha.requires_grad:
                 # A module's alpha buffer: on the CPU reading it is free, and a Python float
                 # keeps the eager kernels on scalar arithmetic.
                 alpha = float(alpha)
-    else:
-        check.check_alpha_float(alpha)
-        if not isinstance(alpha, torch.SymFloat):
-            alpha = float(alpha)
+    elif not isinstance(alpha, torch.SymFloat):
+        alpha = float(alpha)
     index, counted, invalid = _safe_target(num_classes, target, ignore_index, eager_checks)
     one_hot = target.is_floating_point()
 
