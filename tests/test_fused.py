@@ -132,12 +132,26 @@ def test_hessian_through_autograd_functional_raises() -> None:
     assert hessian.shape == (2, 3, 2, 3)
 
 
-def test_retain_graph_with_scaled_gradient_raises_clearly() -> None:
+@pytest.mark.parametrize("by_cross_entropy", [False, True])
+def test_retain_graph_with_scaled_gradient(
+    monkeypatch: pytest.MonkeyPatch, by_cross_entropy: bool
+) -> None:
+    """The kernel scales its stored gradient in place and refuses a second pass clearly; the
+    route through cross-entropy's nodes keeps its graph reusable."""
+    from label_relaxation._impl import small as _small
+
+    monkeypatch.setattr(_small, "CROSS_ENTROPY_GRADIENT", by_cross_entropy)
     logits = torch.randn(4, 5, requires_grad=True)
     loss = label_relaxation_loss(logits, torch.tensor([0, 1, 2, 3]), implementation="fused")
     (loss * 0.5).backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward was called a second time"):
-        (loss * 0.5).backward()
+    if not by_cross_entropy:
+        with pytest.raises(RuntimeError, match="backward was called a second time"):
+            (loss * 0.5).backward()
+        return
+    assert logits.grad is not None
+    first = logits.grad.clone()
+    (loss * 0.5).backward()
+    torch.testing.assert_close(logits.grad, 2 * first)
 
 
 def test_retain_graph_with_unit_gradient_works() -> None:

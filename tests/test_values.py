@@ -325,7 +325,10 @@ def test_loss_relative_precision_just_outside_the_set(implementation: str, alpha
     """
     logits = rows_just_outside(alpha)
     target = torch.zeros(logits.shape[0], dtype=torch.long)
-    loss, _ = loss_and_grad(logits, target, alpha, implementation)
+    loss, grad = loss_and_grad(logits, target, alpha, implementation)
+    # The gradient where (r - alpha)/r is smallest, on the route that takes r from
+    # cross-entropy too (alpha >= 0.1).
+    assert_matches_reference(logits, target, alpha, implementation, loss, grad)
     with torch.no_grad():
         forward_only = label_relaxation_loss(
             logits, target, alpha, reduction="none", implementation=implementation
@@ -352,32 +355,39 @@ def forward_only_and_reference(
 
 
 @pytest.mark.parametrize(
-    ("rows", "num_classes", "by_cross_entropy"),
+    ("rows", "num_classes", "narrow_limited", "by_cross_entropy"),
     [
-        (4096, 2, True),
-        (256, 7, True),
-        (1024, 7, False),
-        (256, 128, True),
-        (256, 129, False),
-        (256, 1000, False),
+        (4096, 2, True, True),
+        (256, 7, True, True),
+        (1024, 7, True, False),
+        (1024, 7, False, True),
+        (256, 128, True, True),
+        (256, 129, False, False),
+        (256, 1000, False, False),
     ],
 )
 def test_forward_only_small_inputs_on_both_routes(
-    monkeypatch: pytest.MonkeyPatch, rows: int, num_classes: int, by_cross_entropy: bool
+    monkeypatch: pytest.MonkeyPatch,
+    rows: int,
+    num_classes: int,
+    narrow_limited: bool,
+    by_cross_entropy: bool,
 ) -> None:
     """Without a gradient, small inputs take -log p_y from cross-entropy (alpha >= 0.1, at most
-    128 classes, rows of 3-15 classes up to 4096 logits, no class weights) or the log-space
-    kernel; both meet RTOL32 of the terms, and rows clearly inside the set are exactly 0."""
+    128 classes, no class weights; rows of 3-15 classes up to 4096 logits only, but where the
+    CPU runs ATen's AVX2 kernels) or the log-space kernel; both meet RTOL32 of the terms, and
+    rows clearly inside the set are exactly 0."""
     from label_relaxation._impl import small as _small
 
+    monkeypatch.setattr(_small, "CROSS_ENTROPY_NARROW_LIMITED", narrow_limited)
     routed: list[float] = []
-    real_route = _small._forward_from_cross_entropy
+    real_route = _small._by_cross_entropy
 
     def recording(*args: object, **kwargs: object) -> torch.Tensor | None:
         routed.append(float(args[2]))  # type: ignore[arg-type]
         return real_route(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_small, "_forward_from_cross_entropy", recording)
+    monkeypatch.setattr(_small, "_by_cross_entropy", recording)
     generator = torch.Generator().manual_seed(num_classes)
     alphas = (0.05, 0.1, 0.5, 0.9)
     for scale in (0.1, 1.0, 10.0, 100.0, 1e4):
@@ -567,3 +577,45 @@ def test_weighted_ignored_rows_at_chunk_edges(monkeypatch: pytest.MonkeyPatch) -
     g_ref = expected_gradient(logits[kept], target[kept], 0.2) * weight[target[kept], None].double()
     g_ref = g_ref / weight[target[kept]].double().sum()
     torch.testing.assert_close(leaf.grad[kept].double(), g_ref, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "num_classes", "ignored", "by_cross_entropy"),
+    [
+        (0.1, 10, False, True),
+        (0.05, 10, False, False),
+        (0.1, 129, False, False),
+        (0.1, 10, True, False),
+    ],
+)
+def test_gradient_route_through_cross_entropy(
+    monkeypatch: pytest.MonkeyPatch,
+    alpha: float,
+    num_classes: int,
+    ignored: bool,
+    by_cross_entropy: bool,
+) -> None:
+    """With a gradient, small batches take cross-entropy's nodes within the route's bounds
+    (alpha >= 0.1, at most 128 classes) and without ignored rows, whose -inf logits its
+    backward would turn into NaN; the kernel otherwise. Both give exact zeros there."""
+    from label_relaxation._impl import small as _small
+
+    monkeypatch.setattr(_small, "CROSS_ENTROPY_GRADIENT", True)
+    logits = torch.randn(64, num_classes) * 3
+    target = torch.randint(0, num_classes, (64,))
+    if ignored:
+        logits[5], target[5] = float("-inf"), -100
+    leaf = logits.clone().requires_grad_()
+    loss = label_relaxation_loss(leaf, target, alpha)
+    name = type(loss.grad_fn).__name__
+    assert name == ("_CrossEntropyRowsBackward" if by_cross_entropy else "FusedLossBackward")
+    loss.backward()
+    assert leaf.grad is not None
+    if ignored:
+        assert bool((leaf.grad[5] == 0).all())
+    reference = logits.double().requires_grad_()
+    expected = label_relaxation_loss(reference, target, alpha, implementation="reference")
+    expected.backward()
+    assert reference.grad is not None
+    torch.testing.assert_close(leaf.grad.double(), reference.grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)

@@ -478,7 +478,7 @@ def fused_rows(
     return _loss_from_statistics(stats, column_alpha, row_weight).squeeze(-1)
 
 
-_DOUBLE_BACKWARD = (
+DOUBLE_BACKWARD = (
     "label_relaxation: the fused implementation computes its gradient in the forward "
     "pass and supports first-order reverse mode only. For double backward "
     "(create_graph=True, Hessians), call it with implementation='reference', or use "
@@ -543,7 +543,7 @@ class FusedLoss(torch.autograd.Function):
         if grad_loss is None:
             return (None, *none)
         if torch.is_grad_enabled():
-            raise RuntimeError(_DOUBLE_BACKWARD)
+            raise RuntimeError(DOUBLE_BACKWARD)
         if ctx.scaled_in_place:
             raise RuntimeError(_SECOND_BACKWARD)
         (grad,) = ctx.saved_tensors

@@ -13,7 +13,9 @@ a gradient (evaluation loops) the per-row part works in log space, in eight call
 nothing there needs ``r - alpha`` to float32's relative precision. Where alpha is at least 0.1
 and rows are narrow, a forward pass without a gradient takes ``-log p_y`` from ATen's
 cross-entropy instead, one call where the kernel makes about twenty, within bounds measured
-to keep the precision of the other paths (:func:`_forward_from_cross_entropy`).
+to keep the precision of the other paths (:func:`_by_cross_entropy`); on a CPU where ATen runs
+its AVX2 kernels, so does a small batch with a gradient, which then flows through
+cross-entropy's own autograd nodes times ``d loss / d ce`` (:class:`_CrossEntropyRows`).
 
 The chunked kernel (:mod:`label_relaxation._impl.fused`) takes over above :data:`SMALL_ELEMENTS`,
 where passes over memory, not calls, set the cost: with a gradient wholly, without one for the
@@ -28,18 +30,21 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from label_relaxation._impl import validation as check
-from label_relaxation._impl.closed_form import AlphaLike
+from label_relaxation._impl.closed_form import AlphaLike, exp_base
 from label_relaxation._impl.fused import (
+    DOUBLE_BACKWARD,
     apply_fused,
     compute_dtype,
+    exponent,
     forward_statistics,
     needs_gradient,
+    row_exponent_shift,
 )
 
 # Up to 2^20 logits (4 MiB of float32). Against the chunked kernel on a 2-core AVX-512 Xeon (one
@@ -49,6 +54,11 @@ from label_relaxation._impl.fused import (
 # temporary leaves the cache, which the chunked kernel's reused scratch buffer avoids: forward
 # at 2048x1000 and 4096x1000 took 1.1-1.2x the chunked kernel's time.
 SMALL_ELEMENTS = 1 << 20
+
+# Base 2 (an AVX2 CPU, see ExpBase) saves about 0.5 ns per logit on the exponential (2-core AMD
+# EPYC, torch 2.15: ATen's exp2 of 256x1000 float32 148 against 272 µs for exp) and costs two
+# calls on (N, 1) columns, a few µs: below this many logits it does not pay.
+BASE_TWO_MIN_ELEMENTS = 1 << 14
 
 RowWeight = float | Tensor
 
@@ -110,14 +120,26 @@ def _masses(
     """``(p', z_y - m)``: the unnormalised probabilities with ``p'_y = 0``, in ``out`` if given.
 
     ATen's log_softmax over a short last dimension costs several times these calls. Half
-    precision logits minus a float32 column promote to float32 in the same call.
+    precision logits minus a float32 column promote to float32 in the same call. Where base 2
+    is the cheaper exponential (:func:`~label_relaxation._impl.closed_form.exp_base`) and the
+    batch large enough for it to pay for its two extra ``(N, 1)`` calls, ``p'`` and ``z_y - m``
+    carry the rounding of the shift ``m·log2(e)``, a factor common to the whole row that
+    cancels in the loss and the gradient (as in the chunked kernel).
     """
-    row_max = logits.amax(-1, keepdim=True)
-    if row_max.dtype != dtype:
-        row_max = row_max.to(dtype)
-    shifted = torch.sub(logits, row_max, out=out) if out is not None else torch.sub(logits, row_max)
-    target_shifted = shifted.gather(-1, index)
-    mass = shifted.exp_()
+    base = exp_base(logits.device)
+    if base.two and logits.numel() >= BASE_TWO_MIN_ELEMENTS:
+        exponents = exponent(logits, row_exponent_shift(logits, dtype, base), base, out=out)
+        target_shifted = exponents.gather(-1, index).mul_(base.to_natural)
+        mass = exponents.exp2_()
+    else:
+        row_max = logits.amax(-1, keepdim=True)
+        if row_max.dtype != dtype:
+            row_max = row_max.to(dtype)
+        shifted = (
+            torch.sub(logits, row_max, out=out) if out is not None else torch.sub(logits, row_max)
+        )
+        target_shifted = shifted.gather(-1, index)
+        mass = shifted.exp_()
     mass.scatter_(-1, index, 0.0)
     return mass, target_shifted
 
@@ -333,22 +355,41 @@ CROSS_ENTROPY_MAX_CLASSES = 128
 # 0.8-0.9x its time at 128x10 and 256x10, 1.0x at 512x10, 1.5x at 4096x10 (and 0.5-0.6x at
 # 128-4096 rows of 16-128 classes). Such narrow rows take it up to this many logits only.
 CROSS_ENTROPY_NARROW_ELEMENTS = 4096
+# Not where ATen runs its AVX2 kernels: there its scalar loop covers rows of fewer than 8
+# float32 logits (14-17 ns per logit, 2-core AMD EPYC, torch 2.15), but the kernel above is
+# slower still on short rows (amax and scatter_ of 4096x10 took 58 and 69 µs): the route took
+# 0.52-0.75x its time at 64x10, 128x10, 512x2, 1024x8, 4096x2, 4096x10, 16384x12 and 65536x10,
+# 1.0x at 4096x7 (float32, alternating, medians of 11 rounds), 0.49-0.96x in float64.
+CROSS_ENTROPY_NARROW_LIMITED = torch.backends.cpu.get_cpu_capability() != "AVX2"
+# With a gradient, cross-entropy's autograd nodes (log_softmax and its backward) replace the
+# kernel's dozen calls over the rows where ATen runs its AVX2 kernels, up to this many logits:
+# forward+backward took 0.82-0.93x the kernel's time at 64x10, 128x10, 256x100, 4096x10,
+# 8192x10, 16384x10, 4096x2 and 4096x32, but 1.02-1.06x at 2048x64 and 1024x128 (131072
+# logits; 2-core AMD EPYC, alternating, medians of 11 rounds), where its three full-size
+# buffers cost more than the kernel's one.
+CROSS_ENTROPY_GRADIENT = torch.backends.cpu.get_cpu_capability() == "AVX2"
+CROSS_ENTROPY_GRADIENT_MAX_ELEMENTS = 1 << 16
 
 
-def _forward_from_cross_entropy(
+def _by_cross_entropy(
     rows: Tensor,
     target: Tensor,
     alpha: float,
     ignore_index: int,
     reduction: str,
     validate: bool,
+    ignored: bool,
 ) -> Tensor | None:
-    """The loss without a gradient from ATen's per-row cross-entropy ``-log p_y``.
+    """The loss from ATen's per-row cross-entropy ``-log p_y``, with its gradient if needed.
 
     ``rows`` are ``(N, C)`` float32 or float64 logits of at most
     :data:`CROSS_ENTROPY_MAX_CLASSES` classes, ``alpha >= CROSS_ENTROPY_MIN_ALPHA``, and there
-    are no class weights. Returns the reduced loss, or ``(N,)`` with ``reduction="none"``;
-    ``None`` where an unchecked bad target must become NaN on the general path.
+    are no class weights; ``ignored`` from :func:`_any_ignored` (False with a gradient), read
+    for a mean only. Returns the reduced loss, or ``(N,)`` with ``reduction="none"``;
+    ``None`` where an unchecked bad target must become NaN on the general path. With a
+    gradient, cross-entropy's own autograd nodes carry it: the loss depends on the logits only
+    through ``ce = -log p_y``, with ``d loss / d ce = 1 - alpha/r`` outside the set
+    (:class:`_CrossEntropyRows`).
     """
     num_classes = rows.shape[-1]
     # A view costs a call: 1-D int64 targets (the usual batch) are taken as they are.
@@ -366,36 +407,84 @@ def _forward_from_cross_entropy(
         return None
     # A mean over every row folds 1/N into the constants, as the kernel above does; a batch
     # with ignored rows divides the sum instead, so that each count does not make constants.
-    counted = _counted_rows(index, num_classes, ignore_index) if reduction == "mean" else None
+    counted = int(index.ne(ignore_index).sum()) if reduction == "mean" and ignored else None
     shared_weight = 1.0 / index.shape[0] if reduction == "mean" and counted is None else 1.0
     const = _constants(alpha, shared_weight, cross_entropy.dtype)
-    # log r = log(1 - exp(-ce)): r keeps ce's relative precision, and r = 1 gives 0 where p_y
+    # An all-ignored batch: its sum is 0, and so is its mean.
+    divisor = None if counted is None else max(counted, 1)
+    if cross_entropy.requires_grad:
+        loss: Tensor = _CrossEntropyRows.apply(cross_entropy, const, reduction != "none", divisor)
+        return loss
+    loss = _loss_from_cross_entropy(cross_entropy, const)[0]
+    if reduction == "none":
+        return loss
+    return loss.sum() if divisor is None else loss.sum().div_(divisor)
+
+
+def _loss_from_cross_entropy(
+    cross_entropy: Tensor, const: _Constants
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(w·loss, inside, r)`` per row from ``ce = -log p_y`` ``(N,)``; ``r = 1 - p_y``."""
+    # r = -expm1(-ce) keeps ce's relative precision, and r = 1 gives log r = 0 where p_y
     # underflows.
-    log_r = cross_entropy.neg().expm1_().neg_().log_()
+    r = cross_entropy.neg().expm1_().neg_()
+    log_r = r.log()
     # (1-a)·log((1-a)/p_y) + a·log(a/r) = c + (1-a)·ce - a·log r, w in every constant. Inside
     # rows (ignored ones too: ce = 0, log r = -inf) are set to 0; NaN compares False.
     loss = torch.addcmul(const.offset_w, cross_entropy, const.one_minus_alpha_w)
     loss = loss.addcmul_(log_r, const.neg_alpha_w)
-    loss = loss.masked_fill_(torch.le(cross_entropy, const.inside_cross_entropy), 0.0)
-    if reduction == "none":
-        return loss
-    # An all-ignored batch: its sum is 0, and so is its mean.
-    return loss.sum() if counted is None else loss.sum().div_(max(counted, 1))
+    inside = torch.le(cross_entropy, const.inside_cross_entropy)
+    return loss.masked_fill_(inside, 0.0), inside, r
 
 
-def _counted_rows(index: Tensor, num_classes: int, ignore_index: int) -> int | None:
-    """How many rows of checked targets ``index`` are not ``ignore_index``; ``None``: all.
+class _CrossEntropyRows(torch.autograd.Function):
+    """The loss as a function of each row's cross-entropy: ``d loss / d ce = w·(1 - alpha/r)``.
 
-    With ``ignore_index`` outside ``[0, C)`` (the default -100) one extreme tells whether any
-    row is ignored; only then are they counted.
+    The loss depends on the logits only through ``p_y``: with ``r = 1 - p_y`` and
+    ``ce = -log p_y``, cross-entropy's gradient ``p - e_y`` times ``1 - alpha/r`` is ``p - q``
+    (``q_y = 1 - alpha``, ``q_k = alpha·p_k/r``); rows inside the set get exactly 0. ``r``
+    comes from ``ce`` (``-expm1(-ce)``), so it carries ce's absolute rounding: within
+    :data:`CROSS_ENTROPY_MIN_ALPHA` and :data:`CROSS_ENTROPY_MAX_CLASSES` the gradient met the
+    tests' bound of 1e-6 of ``|p| + |q|`` per entry, rows just outside the set (``r`` =
+    1.5-3 alpha) included.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, cross_entropy: Tensor, const: _Constants, reduce: bool, divisor: int | None
+    ) -> Tensor:
+        """Return the weighted loss rows (summed when ``reduce``, then divided by ``divisor``)."""
+        loss, inside, r = _loss_from_cross_entropy(cross_entropy, const)
+        # w·(1 - alpha/r) = w - w·alpha/r: rounded at the scale of w, as p - q is at p's scale.
+        # -0 inside: cross-entropy's backward negates it at the target, which then holds +0.
+        slope = torch.addcdiv(const.weight, const.neg_alpha_w, r).masked_fill_(inside, -0.0)
+        if divisor is not None:
+            slope = slope.div_(divisor)
+        ctx.save_for_backward(slope)
+        if not reduce:
+            return loss
+        return loss.sum() if divisor is None else loss.sum().div_(divisor)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        """``d loss / d ce`` times the incoming gradient (a scalar, or one per row)."""
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD)
+        (slope,) = ctx.saved_tensors
+        return slope * grad_loss, None, None, None
+
+
+def _any_ignored(target: Tensor, num_classes: int, ignore_index: int) -> bool:
+    """Whether a row of ``target`` may be ``ignore_index`` (exactly, for in-range targets).
+
+    With ``ignore_index`` outside ``[0, C)`` (the default -100) one extreme tells; inside it
+    every batch counts as possibly ignored.
     """
     if ignore_index < 0:
-        ignored = int(index.min()) < 0
-    elif ignore_index >= num_classes:
-        ignored = int(index.max()) >= num_classes
-    else:
-        ignored = True
-    return int(index.ne(ignore_index).sum()) if ignored else None
+        return int(target.min()) < 0
+    if ignore_index >= num_classes:
+        return int(target.max()) >= num_classes
+    return True
 
 
 def size_fits(logits: Tensor) -> bool:
@@ -409,19 +498,24 @@ def size_fits(logits: Tensor) -> bool:
 
 
 def _takes_cross_entropy(logits: Tensor, alpha: float, weight: Tensor | None) -> bool:
-    """Whether a call may take :func:`_forward_from_cross_entropy` (see its bounds)."""
+    """Whether a call may take :func:`_by_cross_entropy` (see its bounds)."""
     num_classes = logits.shape[-1]
-    # The gradient test first: a call with a gradient (a training step) pays for it alone.
     # Above SMALL_ELEMENTS the chunked statistics hold no full-size temporary, where
     # cross-entropy writes its whole log-softmax.
+    if needs_gradient(logits):
+        if not CROSS_ENTROPY_GRADIENT or logits.numel() > CROSS_ENTROPY_GRADIENT_MAX_ELEMENTS:
+            return False
+    elif logits.numel() > SMALL_ELEMENTS:
+        return False
     return (
-        not needs_gradient(logits)
-        and logits.numel() <= SMALL_ELEMENTS
-        and weight is None
+        weight is None
         and alpha >= CROSS_ENTROPY_MIN_ALPHA
         and num_classes <= CROSS_ENTROPY_MAX_CLASSES
         and (
-            num_classes >= 16 or num_classes == 2 or logits.numel() <= CROSS_ENTROPY_NARROW_ELEMENTS
+            not CROSS_ENTROPY_NARROW_LIMITED
+            or num_classes >= 16
+            or num_classes == 2
+            or logits.numel() <= CROSS_ENTROPY_NARROW_ELEMENTS
         )
         and logits.dtype in (torch.float32, torch.float64)
     )
@@ -449,11 +543,19 @@ def small_call(
     rows = logits if logits.dim() == 2 else logits.reshape(-1, num_classes)
     reduce = reduction != "none"
     if _takes_cross_entropy(logits, small_alpha, weight):
-        loss = _forward_from_cross_entropy(
-            rows, target, small_alpha, ignore_index, reduction, validate
+        gradient = needs_gradient(logits)
+        # Read only where it matters: a mean's count, and a gradient's route (see below).
+        ignored = (gradient or reduction == "mean") and _any_ignored(
+            target, num_classes, ignore_index
         )
-    else:
-        loss = _kernel_call(rows, target, small_alpha, weight, ignore_index, reduction, validate)
+        # Cross-entropy's backward turns an ignored row of -inf into NaN, where ignored rows
+        # must get exactly 0: with a gradient, such batches take the kernel.
+        if not (gradient and ignored):
+            loss = _by_cross_entropy(
+                rows, target, small_alpha, ignore_index, reduction, validate, ignored
+            )
+            return loss if loss is None or reduce else loss.reshape(logits.shape[:-1])
+    loss = _kernel_call(rows, target, small_alpha, weight, ignore_index, reduction, validate)
     return loss if loss is None or reduce else loss.reshape(logits.shape[:-1])
 
 

@@ -1,16 +1,19 @@
-"""Compiled calls at small sizes: this package against a git revision of it, in one process.
+"""Small batches, compiled or eager: this package against a git revision of it, in one process.
 
-At a 64x10 batch a compiled call costs what runs around its kernels: Dynamo's guard checks, the
-runtime wrappers, the in-graph value check. This script compiles ``F.cross_entropy``, the loss
-of the working tree and, with ``--baseline REV``, the loss as it was at revision ``REV`` (its
-``src/label_relaxation`` exported with ``git archive`` and imported under another name, so both
-run in one process), and times them alternately: forward under ``torch.no_grad()`` and
-forward+backward (each call on a fresh leaf), medians of ``--rounds`` blocks of up to 200
-calls. ``--skip-guards`` times the same with ``torch.compiler.set_stance(
-skip_guard_eval_unsafe=True)`` too, which shows what the guards cost.
+At a 64x10 batch a call costs what runs around its kernels: operator calls and Python work in
+eager mode; Dynamo's guard checks, the runtime wrappers and the in-graph value check when
+compiled. This script times ``F.cross_entropy``, the loss of the working tree and, with
+``--baseline REV``, the loss as it was at revision ``REV`` (its ``src/label_relaxation``
+exported with ``git archive`` and imported under another name, so both run in one process),
+alternately: forward under ``torch.no_grad()`` and forward+backward (each call on a fresh leaf),
+medians of ``--rounds`` blocks of up to 200 calls. Compiled by default (static shapes, caches
+reset per shape and mode); ``--eager`` times plain calls. ``--skip-guards`` times the compiled
+calls with ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` too, which shows what the
+guards cost.
 
-    uv run python bench/compiled_small.py --baseline 17656fb
-    uv run python bench/compiled_small.py --shapes 64x10 --skip-guards
+    uv run python bench/small_batches.py --baseline 17656fb
+    uv run python bench/small_batches.py --shapes 64x10 --skip-guards
+    THP_MEM_ALLOC_ENABLE=1 uv run python bench/small_batches.py --eager --baseline 63fc33a
 """
 
 from __future__ import annotations
@@ -84,18 +87,19 @@ def medians(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def compiled_losses(baseline: object | None) -> dict[str, Loss]:
-    """``torch.compile`` wrappers (static shapes): cross-entropy, this package, the baseline."""
+def losses_to_time(baseline: object | None, compiled: bool) -> dict[str, Loss]:
+    """Cross-entropy, this package and the baseline; ``torch.compile`` wrappers (static shapes)
+    when ``compiled``."""
     losses: dict[str, Loss] = {
-        "ce": torch.compile(lambda z, y: F.cross_entropy(z, y), dynamic=False),
-        "lr": torch.compile(
-            lambda z, y: label_relaxation.label_relaxation_loss(z, y, 0.1), dynamic=False
-        ),
+        "ce": lambda z, y: F.cross_entropy(z, y),
+        "lr": lambda z, y: label_relaxation.label_relaxation_loss(z, y, 0.1),
     }
     if baseline is not None:
         old = baseline.label_relaxation_loss  # type: ignore[attr-defined]
-        losses["baseline"] = torch.compile(lambda z, y: old(z, y, 0.1), dynamic=False)
-    return losses
+        losses["baseline"] = lambda z, y: old(z, y, 0.1)
+    if not compiled:
+        return losses
+    return {name: torch.compile(loss, dynamic=False) for name, loss in losses.items()}
 
 
 def report(shape: str, mode: str, times: dict[str, float]) -> None:
@@ -112,6 +116,7 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="REV", help="git revision to compare against")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--skip-guards", action="store_true")
+    parser.add_argument("--eager", action="store_true", help="time plain calls, not compiled")
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as directory:
@@ -123,10 +128,10 @@ def main() -> None:
             for train in (False, True):
                 # Fresh caches: each shape and mode is compiled on its own, statically.
                 torch._dynamo.reset()
-                losses = compiled_losses(baseline)
-                mode = "fwd+bwd" if train else "fwd"
+                losses = losses_to_time(baseline, compiled=not args.eager)
+                mode = ("eager " if args.eager else "") + ("fwd+bwd" if train else "fwd")
                 report(shape, mode, medians(losses, logits, target, train, args.rounds))
-                if args.skip_guards:
+                if args.skip_guards and not args.eager:
                     with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                         times = medians(losses, logits, target, train, args.rounds)
                     report(shape, mode + " no guards", times)
