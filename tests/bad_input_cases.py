@@ -1,10 +1,13 @@
 """Bad-input cases run in a child process (see test_bad_input_processes.py).
 
-``python -m tests.bad_input_cases LOSS MODE ROWS CLASSES THREADS`` runs every bad value of one
-loss in one mode, with one compiled graph per run, and prints one JSON line per case: the
-exception's type and message, or the per-row losses' NaN pattern where no exception can be
-raised (``torch.func``). A process killed by a signal prints nothing more, and its return code
-tells the parent.
+``python -m tests.bad_input_cases SPEC [SPEC ...]``, each ``SPEC`` being
+``LOSS,MODE,ROWS,CLASSES,THREADS``, runs every bad value of one loss in one mode per spec, with
+one compiled graph per spec (Dynamo is reset between specs), and prints one JSON line per case:
+the spec, the exception's type and message, or the per-row losses' NaN pattern where no
+exception can be raised (``torch.func``); then a line marking the spec done. Several specs share
+one process because starting one (importing torch, and Dynamo for the compiled modes) costs
+15-20 s on 2 cores. A process killed by a signal prints nothing more: its return code tells the
+parent, and the spec without its done line is the one that killed it.
 """
 
 from __future__ import annotations
@@ -178,6 +181,7 @@ def _vmap_rows(loss: str, rows: int, classes: int) -> None:
     nan_rows = torch.isnan(values).nonzero().flatten().tolist()
     nan_grad_rows = torch.isnan(grads).any(-1).nonzero().flatten().tolist()
     print(json.dumps({"case": "vmap", "nan_rows": nan_rows, "nan_grad_rows": nan_grad_rows}))
+    sys.stdout.flush()
 
 
 def run(loss: str, mode: str, rows: int, classes: int, threads: int) -> None:
@@ -186,6 +190,10 @@ def run(loss: str, mode: str, rows: int, classes: int, threads: int) -> None:
     if mode == "vmap":
         _vmap_rows(loss, rows, classes)
         return
+    if mode != "eager":
+        import torch._dynamo as dynamo  # loaded by the compiled modes only
+
+        dynamo.reset()  # each spec compiles its own graph, as in a process of its own
     fn, module = _function(loss, mode)
     if loss == "index":
         cases = _index_cases(rows, classes, fn, module)
@@ -207,6 +215,14 @@ def run(loss: str, mode: str, rows: int, classes: int, threads: int) -> None:
         print(json.dumps(report), flush=True)
 
 
+def run_specs(specs: list[str]) -> None:
+    """Run each ``LOSS,MODE,ROWS,CLASSES,THREADS`` spec, its lines tagged with the spec."""
+    for spec in specs:
+        print(json.dumps({"spec": spec}), flush=True)
+        loss, mode, rows, classes, threads = spec.split(",")
+        run(loss, mode, int(rows), int(classes), int(threads))
+        print(json.dumps({"done": spec}), flush=True)
+
+
 if __name__ == "__main__":
-    loss, mode, rows, classes, threads = sys.argv[1:6]
-    run(loss, mode, int(rows), int(classes), int(threads))
+    run_specs(sys.argv[1:])

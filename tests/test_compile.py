@@ -354,3 +354,54 @@ def test_rows_with_infinities_match_eager(backend: str, classes: int) -> None:
     torch.testing.assert_close(grad_c, grad_e, rtol=2e-6, atol=1e-7, equal_nan=True)
     assert loss_c[0] == 0 and bool((grad_c[0] == 0).all()) and bool((grad_c[2] == 0).all())
     assert bool(loss_c[3].isnan()) and bool(loss_c[4].isnan())
+
+
+IMPORT_WITHOUT_DYNAMO = """
+import sys
+import torch
+import label_relaxation as lr
+from label_relaxation import functional
+
+logits = torch.randn(6, 5, requires_grad=True)
+target = torch.tensor([0, 1, 2, 3, 4, 0])
+lr.label_relaxation_loss(logits, target).backward()
+lr.LabelRelaxationLoss(0.2)(logits, target).backward()
+lr.soft_label_relaxation_loss(logits, torch.softmax(torch.randn(6, 5), -1)).backward()
+lr.mixup_label_relaxation_loss(logits, target, target.flip(0), torch.rand(6)).backward()
+lr.linear_label_relaxation_loss(torch.randn(6, 3), torch.randn(5, 3), target)
+print("eager loaded dynamo:", "torch._dynamo" in sys.modules)
+compiled = torch.compile(lr.label_relaxation_loss, backend="aot_eager", fullgraph=True)
+torch.testing.assert_close(compiled(logits, target), lr.label_relaxation_loss(logits, target))
+from torch._dynamo.trace_rules import is_nonstrict_trace_callable
+print("marked:", is_nonstrict_trace_callable(functional._compiled_loss))
+"""
+
+
+def test_import_and_eager_calls_leave_dynamo_unloaded_and_compile_still_marks() -> None:
+    """``import torch._dynamo`` costs more than ``import torch``: only torch.compile loads it.
+
+    Run in a fresh process, where nothing has loaded Dynamo: the eager losses must not, and once
+    torch.compile has, the compiled path is marked ``nonstrict_trace`` as if decorated.
+    """
+    import subprocess
+    import sys
+
+    completed = subprocess.run(
+        [sys.executable, "-c", IMPORT_WITHOUT_DYNAMO],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "eager loaded dynamo: False" in completed.stdout, completed.stdout
+    assert "marked: True" in completed.stdout, completed.stdout
+
+
+def test_compiled_path_is_marked_in_this_process() -> None:
+    """Here Dynamo was loaded after or before the package: the mark is in place either way."""
+    from torch._dynamo.trace_rules import is_nonstrict_trace_callable
+
+    from label_relaxation import functional
+
+    assert is_nonstrict_trace_callable(functional._compiled_loss)

@@ -12,6 +12,7 @@ from label_relaxation._impl import small as _small
 from label_relaxation._impl import validation as check
 from label_relaxation._impl.closed_form import AlphaLike
 from label_relaxation._impl.compiled import compiled_rows
+from label_relaxation._impl.dynamo_marks import nonstrict_trace_on_import
 from label_relaxation._impl.fused import apply_fused, compute_dtype, fused_rows, needs_gradient
 from label_relaxation._impl.graph_checks import LABEL_RELAXATION_MESSAGE, raise_if_invalid
 from label_relaxation._impl.inplace import check_inplace_allowed
@@ -218,7 +219,6 @@ def _compiled_kernel_applies(
     )
 
 
-@torch.compiler.nonstrict_trace
 def _compiled_loss(
     logits: Tensor,
     target: Tensor,
@@ -242,6 +242,10 @@ def _compiled_loss(
     rows = _prepare(logits, target, alpha, weight, ignore_index, reduction, validate)
     loss_rows = compiled_rows(rows.logits, rows.target, rows.alpha, rows.row_weight)
     return loss_rows.reshape(logits.shape[:-1]) if reduction == "none" else loss_rows.sum()
+
+
+# torch.compiler.nonstrict_trace, applied when torch.compile loads Dynamo (see dynamo_marks).
+nonstrict_trace_on_import(globals(), "_compiled_loss")
 
 
 def _use_fused(rows: _Rows, weight: Tensor | None, implementation: str) -> bool:

@@ -7,7 +7,7 @@ The public modules one level up (``functional``, ``soft``, ``linear``, ``distrib
 * ``closed_form``: the loss and gradient of a row from its mass statistics, shared by all paths.
 * ``reference``: the pure formulation (``torch.func``, higher-order gradients).
 * ``small``, ``fused``, ``inplace``: the eager kernels for small and large inputs.
-* ``compiled``: what ``torch.compile`` traces.
+* ``compiled``: what ``torch.compile`` traces; ``dynamo_marks``: its mark, applied lazily.
 * ``fused_mixup``: the eager kernel of two-class (mixup/CutMix) targets.
 * ``fused_linear``: the output layer fused with the loss, block by block.
 * ``vocab_parallel``: logits split along the classes across ranks.
