@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from label_relaxation._impl import validation as check
-from label_relaxation._impl.closed_form import AlphaLike, exp_base
+from label_relaxation._impl.closed_form import CPU_RUNS_AVX2, AlphaLike, exp_base
 from label_relaxation._impl.fused import (
     DOUBLE_BACKWARD,
     apply_fused,
@@ -360,14 +360,14 @@ CROSS_ENTROPY_NARROW_ELEMENTS = 4096
 # slower still on short rows (amax and scatter_ of 4096x10 took 58 and 69 µs): the route took
 # 0.52-0.75x its time at 64x10, 128x10, 512x2, 1024x8, 4096x2, 4096x10, 16384x12 and 65536x10,
 # 1.0x at 4096x7 (float32, alternating, medians of 11 rounds), 0.49-0.96x in float64.
-CROSS_ENTROPY_NARROW_LIMITED = torch.backends.cpu.get_cpu_capability() != "AVX2"
+CROSS_ENTROPY_NARROW_LIMITED = not CPU_RUNS_AVX2
 # With a gradient, cross-entropy's autograd nodes (log_softmax and its backward) replace the
 # kernel's dozen calls over the rows where ATen runs its AVX2 kernels, up to this many logits:
 # forward+backward took 0.82-0.93x the kernel's time at 64x10, 128x10, 256x100, 4096x10,
 # 8192x10, 16384x10, 4096x2 and 4096x32, but 1.02-1.06x at 2048x64 and 1024x128 (131072
 # logits; 2-core AMD EPYC, alternating, medians of 11 rounds), where its three full-size
 # buffers cost more than the kernel's one.
-CROSS_ENTROPY_GRADIENT = torch.backends.cpu.get_cpu_capability() == "AVX2"
+CROSS_ENTROPY_GRADIENT = CPU_RUNS_AVX2
 CROSS_ENTROPY_GRADIENT_MAX_ELEMENTS = 1 << 16
 
 
