@@ -7,13 +7,16 @@ compiled. This script times ``F.cross_entropy``, the loss of the working tree an
 exported with ``git archive`` and imported under another name, so both run in one process),
 alternately: forward under ``torch.no_grad()`` and forward+backward (each call on a fresh leaf),
 medians of ``--rounds`` blocks of up to 200 calls. Compiled by default (static shapes, caches
-reset per shape and mode); ``--eager`` times plain calls. ``--skip-guards`` times the compiled
-calls with ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` too, which shows what the
-guards cost.
+reset per shape and mode); ``--eager`` times plain calls, ``--modules`` the criteria
+(``nn.CrossEntropyLoss``, ``LabelRelaxationLoss``) instead of the functions.
+``--skip-guards`` times the compiled calls with
+``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` too, which shows what the guards
+cost.
 
     uv run python bench/small_batches.py --baseline 17656fb
     uv run python bench/small_batches.py --shapes 64x10 --skip-guards
     THP_MEM_ALLOC_ENABLE=1 uv run python bench/small_batches.py --eager --baseline 63fc33a
+    THP_MEM_ALLOC_ENABLE=1 uv run python bench/small_batches.py --eager --modules --baseline ba9addc
 """
 
 from __future__ import annotations
@@ -87,16 +90,24 @@ def medians(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def losses_to_time(baseline: object | None, compiled: bool) -> dict[str, Loss]:
-    """Cross-entropy, this package and the baseline; ``torch.compile`` wrappers (static shapes)
-    when ``compiled``."""
+def losses_to_time(baseline: object | None, compiled: bool, modules: bool) -> dict[str, Loss]:
+    """Cross-entropy, this package and the baseline, as functions or as criteria (``modules``);
+    ``torch.compile`` wrappers (static shapes) when ``compiled``."""
     losses: dict[str, Loss] = {
         "ce": lambda z, y: F.cross_entropy(z, y),
         "lr": lambda z, y: label_relaxation.label_relaxation_loss(z, y, 0.1),
     }
+    if modules:
+        losses = {
+            "ce": torch.nn.CrossEntropyLoss(),
+            "lr": label_relaxation.LabelRelaxationLoss(0.1),
+        }
     if baseline is not None:
-        old = baseline.label_relaxation_loss  # type: ignore[attr-defined]
-        losses["baseline"] = lambda z, y: old(z, y, 0.1)
+        if modules:
+            losses["baseline"] = baseline.LabelRelaxationLoss(0.1)  # type: ignore[attr-defined]
+        else:
+            old = baseline.label_relaxation_loss  # type: ignore[attr-defined]
+            losses["baseline"] = lambda z, y: old(z, y, 0.1)
     if not compiled:
         return losses
     return {name: torch.compile(loss, dynamic=False) for name, loss in losses.items()}
@@ -117,6 +128,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--skip-guards", action="store_true")
     parser.add_argument("--eager", action="store_true", help="time plain calls, not compiled")
+    parser.add_argument(
+        "--modules",
+        action="store_true",
+        help="time nn.CrossEntropyLoss and LabelRelaxationLoss instead of the functions",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as directory:
@@ -128,8 +144,9 @@ def main() -> None:
             for train in (False, True):
                 # Fresh caches: each shape and mode is compiled on its own, statically.
                 torch._dynamo.reset()
-                losses = losses_to_time(baseline, compiled=not args.eager)
-                mode = ("eager " if args.eager else "") + ("fwd+bwd" if train else "fwd")
+                losses = losses_to_time(baseline, not args.eager, args.modules)
+                mode = ("eager " if args.eager else "") + ("module " if args.modules else "")
+                mode += "fwd+bwd" if train else "fwd"
                 report(shape, mode, medians(losses, logits, target, train, args.rounds))
                 if args.skip_guards and not args.eager:
                     with torch.compiler.set_stance(skip_guard_eval_unsafe=True):

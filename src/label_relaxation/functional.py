@@ -280,6 +280,44 @@ def _small_applies(
     )
 
 
+def _plain_small_call(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    reduction: str,
+    inplace: bool,
+    implementation: str,
+) -> bool:
+    """Whether the call is the common one, which passes every metadata check below.
+
+    Plain CPU tensors, ``(N, C)`` floating logits with ``C >= 2``, ``(N,)`` int64 class
+    indices, no class weights, default options, not traced, and a size the small-input path
+    takes.
+
+    One expression instead of the general checks below (each a function call that raises where
+    this returns ``False``, and the general path then gives the error): at a 64x10 batch those
+    calls cost 8 µs of a 64 µs forward (2-core AMD EPYC, torch 2.15). ``type(...) is Tensor``
+    leaves subclasses (DTensor) to the general path.
+    """
+    return (
+        type(logits) is Tensor
+        and type(target) is Tensor
+        and weight is None
+        and not inplace
+        and implementation == "auto"
+        and (reduction == "mean" or reduction == "sum" or reduction == "none")
+        and logits.dim() == 2
+        and target.dim() == 1
+        and logits.shape[0] == target.shape[0]
+        and logits.shape[1] >= 2
+        and target.dtype == torch.int64
+        and logits.is_floating_point()
+        and logits.is_cpu
+        and not is_transformed(logits)
+        and _small.size_fits(logits)
+    )
+
+
 def label_relaxation_loss(
     logits: Tensor,
     target: Tensor,
@@ -361,25 +399,28 @@ def label_relaxation_loss(
         >>> logits.grad[0]  # the first row is inside the credal set
         tensor([0., 0., 0.])
     """
-    check_implementation(implementation)
-    if is_dtensor(logits):
-        from label_relaxation.distributed import dtensor_label_relaxation_loss
+    small = _plain_small_call(logits, target, weight, reduction, inplace, implementation)
+    if not small:
+        check_implementation(implementation)
+        if is_dtensor(logits):
+            from label_relaxation.distributed import dtensor_label_relaxation_loss
 
-        return dtensor_label_relaxation_loss(  # type: ignore[no-any-return]
-            logits,
-            target,
-            alpha,
-            weight=weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            validate=validate,
+            return dtensor_label_relaxation_loss(  # type: ignore[no-any-return]
+                logits,
+                target,
+                alpha,
+                weight=weight,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                validate=validate,
+            )
+        num_classes = check.check_logits(logits)
+        check.check_reduction(reduction)
+        check.check_weight(weight, num_classes)
+        small = check.check_target_kind(target, logits) and _small_applies(
+            logits, target, weight, inplace, implementation
         )
-    num_classes = check.check_logits(logits)
-    check.check_reduction(reduction)
-    check.check_weight(weight, num_classes)
-    if check.check_target_kind(target, logits) and _small_applies(
-        logits, target, weight, inplace, implementation
-    ):
+    if small:
         loss = _small.small_call(logits, target, alpha, weight, ignore_index, reduction, validate)
         if loss is not None:
             return loss
