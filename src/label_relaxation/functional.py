@@ -307,6 +307,7 @@ def _plain_small_call(
         and not inplace
         and implementation == "auto"
         and (reduction == "mean" or reduction == "sum" or reduction == "none")
+        and not is_transformed(logits)  # before any size test, as in _small_applies
         and logits.dim() == 2
         and target.dim() == 1
         and logits.shape[0] == target.shape[0]
@@ -314,7 +315,6 @@ def _plain_small_call(
         and target.dtype == torch.int64
         and logits.is_floating_point()
         and logits.is_cpu
-        and not is_transformed(logits)
         and _small.size_fits(logits)
     )
 
