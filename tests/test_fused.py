@@ -341,3 +341,38 @@ def test_cpu_gradients_take_the_softmax_route_on_rows_of_32_classes_or_more(
             logits = logits * 1.0
         label_relaxation_loss(logits, target, 0.1, inplace=inplace)
         assert routes[-1] == expected, (classes, grad, inplace)
+
+
+def test_only_the_common_call_skips_the_general_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain (N, C) logits with (N,) int64 targets skip the checks below the common-call test;
+    every other form takes them, and all forms give the same loss and gradient."""
+    from label_relaxation import functional as _functional
+
+    checked: list[bool] = []
+    real_check = _functional.check.check_target_kind
+
+    def recording(target: torch.Tensor, logits: torch.Tensor) -> bool:
+        checked.append(True)
+        return real_check(target, logits)
+
+    monkeypatch.setattr(_functional.check, "check_target_kind", recording)
+    torch.manual_seed(5)
+    values = torch.randn(12, 7) * 3
+    target = torch.randint(0, 7, (12,))
+
+    def loss_and_grad(leaf: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        loss = label_relaxation_loss(leaf, labels, 0.2)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        return loss.detach(), grad.reshape(12, 7)
+
+    common = loss_and_grad(values.clone().requires_grad_(), target)
+    assert checked == []
+    for leaf, labels in (
+        (torch.nn.Parameter(values.clone()), target),  # a subclass
+        (values.clone().requires_grad_(), target.int()),  # another integer dtype
+        (values.clone().reshape(3, 4, 7).requires_grad_(), target.reshape(3, 4)),  # (B, S, C)
+    ):
+        checked.clear()
+        other = loss_and_grad(leaf, labels)
+        assert checked == [True]
+        torch.testing.assert_close(other, common, rtol=0, atol=0)
