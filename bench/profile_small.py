@@ -18,7 +18,6 @@ Run from the repository root: ``uv run python bench/profile_small.py``. Prints
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Any
 
@@ -28,10 +27,13 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
 
 from label_relaxation import LabelRelaxationLoss, label_relaxation_loss
+from label_relaxation._impl.small import _constants
 from label_relaxation.tools.benchmark import quiet_profiler
 
 
-def operator_calls(fn: Any, logits: torch.Tensor, target: torch.Tensor, backward: bool) -> Counter:
+def operator_calls(
+    fn: Any, logits: torch.Tensor, target: torch.Tensor, backward: bool
+) -> Counter[str]:
     """Top-level ATen operator calls of one call of ``fn``."""
     leaf = logits.clone().requires_grad_(backward)
     fn(leaf, target)  # warm-up
@@ -39,7 +41,7 @@ def operator_calls(fn: Any, logits: torch.Tensor, target: torch.Tensor, backward
         loss = fn(leaf, target)
         if backward:
             loss.backward()
-    calls: Counter = Counter()
+    calls: Counter[str] = Counter()
     for event in prof.events():
         if event.name.startswith("aten::") and event.cpu_parent is None:
             calls[event.name] += 1
@@ -126,13 +128,13 @@ loss.masked_fill_(torch.le(ce, inside), 0.0).sum()
 def forward_route_alone() -> None:
     """Print the forward route's ATen calls alone against the function and cross-entropy."""
     z, y = torch.randn(64, 10) * 3, torch.randint(0, 10, (64,))
-    alpha, weight = 0.1, 1 / 64
-    offset = (1 - alpha) * math.log1p(-alpha) + alpha * math.log(alpha)
+    # The route's own 0-d operands: alpha 0.1, the mean's 1/64 folded in.
+    const = _constants(0.1, 1 / 64, torch.float32)
     constants = {
-        "offset": torch.tensor(offset * weight),
-        "one_minus_alpha": torch.tensor((1 - alpha) * weight),
-        "neg_alpha": torch.tensor(-alpha * weight),
-        "inside": torch.tensor(-math.log1p(-alpha)),
+        "offset": const.offset_w,
+        "one_minus_alpha": const.one_minus_alpha_w,
+        "neg_alpha": const.neg_alpha_w,
+        "inside": const.inside_cross_entropy,
     }
     names = {"z": z, "y": y, "F": F, "torch": torch, "lr": label_relaxation_loss, **constants}
     with torch.no_grad():

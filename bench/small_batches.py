@@ -93,14 +93,16 @@ def medians(
 def losses_to_time(baseline: object | None, compiled: bool, modules: bool) -> dict[str, Loss]:
     """Cross-entropy, this package and the baseline, as functions or as criteria (``modules``);
     ``torch.compile`` wrappers (static shapes) when ``compiled``."""
-    losses: dict[str, Loss] = {
-        "ce": lambda z, y: F.cross_entropy(z, y),
-        "lr": lambda z, y: label_relaxation.label_relaxation_loss(z, y, 0.1),
-    }
+    losses: dict[str, Loss]
     if modules:
         losses = {
             "ce": torch.nn.CrossEntropyLoss(),
             "lr": label_relaxation.LabelRelaxationLoss(0.1),
+        }
+    else:
+        losses = {
+            "ce": lambda z, y: F.cross_entropy(z, y),
+            "lr": lambda z, y: label_relaxation.label_relaxation_loss(z, y, 0.1),
         }
     if baseline is not None:
         if modules:

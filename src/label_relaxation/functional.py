@@ -290,9 +290,9 @@ def _plain_small_call(
 ) -> bool:
     """Whether the call is the common one, which passes every metadata check below.
 
-    Plain CPU tensors, ``(N, C)`` floating logits with ``C >= 2``, ``(N,)`` int64 class
-    indices, no class weights, default options, not traced, and a size the small-input path
-    takes.
+    Plain tensors, ``(N, C)`` floating logits with ``C >= 2``, ``(N,)`` int64 class indices,
+    no class weights, default options, and what :func:`_small_applies` asks of a call that
+    takes the small-input path (CPU, not traced, a size it takes).
 
     One expression instead of the general checks below (each a function call that raises where
     this returns ``False``, and the general path then gives the error): a forward at 64x10
@@ -304,18 +304,15 @@ def _plain_small_call(
         type(logits) is Tensor
         and type(target) is Tensor
         and weight is None
-        and not inplace
         and implementation == "auto"
         and (reduction == "mean" or reduction == "sum" or reduction == "none")
-        and not is_transformed(logits)  # before any size test, as in _small_applies
         and logits.dim() == 2
         and target.dim() == 1
         and logits.shape[0] == target.shape[0]
         and logits.shape[1] >= 2
         and target.dtype == torch.int64
         and logits.is_floating_point()
-        and logits.is_cpu
-        and _small.size_fits(logits)
+        and _small_applies(logits, target, weight, inplace, implementation)
     )
 
 
