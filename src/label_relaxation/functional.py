@@ -296,9 +296,9 @@ def _plain_small_call(
 
     One expression instead of the general checks below (each a function call that raises where
     this returns ``False``, and the general path then gives the error): a forward at 64x10
-    took 4-17 µs less than through those calls, 50-106 against 55-123 µs (2-core AMD EPYC,
-    torch 2.15, two invocations of ``bench/small_batches.py --eager``). ``type(...) is
-    Tensor`` leaves subclasses (DTensor) to the general path.
+    took 3-5 µs less than through those calls, 46-47 against 49-50 µs (2-core AMD EPYC, torch
+    2.15, two invocations of ``bench/small_batches.py --eager``). ``type(...) is Tensor``
+    leaves subclasses (DTensor) to the general path.
     """
     return (
         type(logits) is Tensor
