@@ -1,6 +1,7 @@
 """Label relaxation loss (Lienen & Hüllermeier, AAAI 2021) for PyTorch.
 
-Exact to float64, cheaper than the cross-entropy it replaces, and one code path for eager
+Tested against float64 references; forward+backward in less time than cross-entropy's from
+about a million logits up (more on small classification batches); one code path for eager
 mode, ``torch.compile`` and ``torch.func``.
 """
 
