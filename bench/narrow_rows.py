@@ -23,15 +23,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
+from profile_small import median_us  # the sibling script: run as bench/narrow_rows.py
 
 from label_relaxation import label_relaxation_loss
-
-
-def median_us(statement: str, names: dict[str, object]) -> float:
-    """Median time of ``statement`` in µs, in blocks of at least 0.3 s."""
-    timer = benchmark.Timer(statement, globals=names)
-    return float(timer.blocked_autorange(min_run_time=0.3).median * 1e6)
 
 
 def measure(rows: int, classes: int) -> list[tuple[str, float]]:
@@ -66,7 +60,7 @@ def measure(rows: int, classes: int) -> list[tuple[str, float]]:
         ("exp2 of every logit", "z.exp2()"),
     ]
     with torch.no_grad():
-        return [(name, median_us(statement, names)) for name, statement in statements]
+        return [(name, median_us(statement, 0.3, **names)) for name, statement in statements]
 
 
 def main() -> None:

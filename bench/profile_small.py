@@ -73,9 +73,10 @@ class WithSetupContext(torch.autograd.Function):
         return grad.expand(4, 10)
 
 
-def median_us(statement: str, **names: Any) -> float:
+def median_us(statement: str, min_run_time: float = 0.5, **names: Any) -> float:
+    """Median time of ``statement`` in µs, in blocks of at least ``min_run_time`` seconds."""
     timer = benchmark.Timer(statement, globals=names)
-    return float(timer.blocked_autorange(min_run_time=0.5).median * 1e6)
+    return float(timer.blocked_autorange(min_run_time=min_run_time).median * 1e6)
 
 
 def main() -> None:
